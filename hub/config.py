@@ -1,0 +1,175 @@
+"""One frozen :class:`Config`: every option of ``hub serve``, its default, unit and variable.
+
+Each option is a command-line flag (``--max-buffer-bytes``) and an environment variable
+(``HUB_MAX_BUFFER_BYTES``); the flag wins over the variable, the variable over the default.
+Repeatable options (``--redis-url``, ``--client-publish``, ``--allowed-origin``) read their
+variable as a comma-separated list. :data:`OPTIONS` is the single table the CLI, the docs
+test and the deployment-file test read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .exceptions import ConfigError
+
+__all__ = ["Config", "Option", "OPTIONS", "env_name"]
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of ``hub serve``: its flag, type, default, unit and help text."""
+
+    name: str  # the Config field; flag is --name-with-dashes, env HUB_NAME
+    type: type
+    default: Any
+    help: str
+    repeat: bool = False
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return env_name(self.name)
+
+
+def env_name(name: str) -> str:
+    """The environment variable of option ``name``: ``max_buffer_bytes`` -> ``HUB_MAX_BUFFER_BYTES``."""
+    return "HUB_" + name.upper()
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("host", str, "127.0.0.1", "interface to listen on"),
+    Option("port", int, 8765, "TCP port for WebSocket (/ws) and HTTP (/healthz, /readyz, /metrics)"),
+    Option("redis_url", str, (), "Redis URL; repeat to shard channels over several Redis "
+           "instances; none: the embedded in-process broker", repeat=True),
+    Option("redis_cluster", bool, False, "treat --redis-url as a seed node of a Redis Cluster "
+           "and use sharded pub/sub (SSUBSCRIBE/SPUBLISH)"),
+    Option("redis_prefix", str, "hub:", "prefix of every Redis channel name"),
+    Option("jwt_secret", str, None, "HS256 secret; when set, every connection needs a token"),
+    Option("client_publish", str, (), "channel pattern clients may publish to (exact name or "
+           "prefix ending in *); repeatable; default none", repeat=True),
+    Option("allowed_origin", str, (), "allowed Origin header of browser handshakes; repeatable; "
+           "default: any", repeat=True),
+    Option("compression", str, "none", "permessage-deflate on ('deflate') or off ('none')",
+           choices=("none", "deflate")),
+    Option("log_level", str, "info", "logging level",
+           choices=("debug", "info", "warning", "error")),
+    Option("workers", int, 1, "worker processes sharing the port (SO_REUSEPORT); >1 needs Redis"),
+    # Limits
+    Option("max_connections", int, 10000, "connections per process; past it the handshake gets 503"),
+    Option("max_subscriptions", int, 128, "channel subscriptions per connection"),
+    Option("max_message_bytes", int, 65536, "largest client frame in bytes; larger closes with 1009"),
+    Option("max_buffer_bytes", int, 1048576, "per-connection write buffer in bytes above which a "
+           "slow consumer is closed with 4008"),
+    Option("rate_limit", float, 100.0, "client commands per second per connection (token bucket, "
+           "burst of twice that); 0 disables"),
+    Option("ping_interval", float, 20.0, "seconds between keepalive pings; 0 disables"),
+    Option("shutdown_timeout", float, 10.0, "seconds a graceful stop waits for clients to close "
+           "before aborting them"),
+    Option("probe_interval", float, 1.0, "seconds between Redis liveness probes"),
+    Option("probe_timeout", float, 2.0, "seconds a probe may take before the Redis link is "
+           "declared dead and reconnected"),
+)
+
+_BY_NAME = {o.name: o for o in OPTIONS}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Settings of one hub process. Units: bytes, seconds, commands per second.
+
+    Build it with :meth:`from_sources`, which applies environment variables and checks every
+    value; direct construction applies defaults only (handy in tests).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8765
+    redis_url: tuple[str, ...] = ()
+    redis_cluster: bool = False
+    redis_prefix: str = "hub:"
+    jwt_secret: str | None = field(default=None, repr=False)
+    client_publish: tuple[str, ...] = ()
+    allowed_origin: tuple[str, ...] = ()
+    compression: str = "none"
+    log_level: str = "info"
+    workers: int = 1
+    # Limits
+    max_connections: int = 10000
+    max_subscriptions: int = 128
+    max_message_bytes: int = 65536
+    max_buffer_bytes: int = 1048576
+    rate_limit: float = 100.0
+    ping_interval: float = 20.0
+    shutdown_timeout: float = 10.0
+    probe_interval: float = 1.0
+    probe_timeout: float = 2.0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first option whose value is out of range."""
+        positive = ("max_connections", "max_subscriptions", "max_message_bytes",
+                    "max_buffer_bytes", "workers", "probe_interval", "probe_timeout")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{_BY_NAME[name].flag} must be > 0, got {getattr(self, name)}")
+        for name in ("rate_limit", "ping_interval", "shutdown_timeout"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{_BY_NAME[name].flag} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port must be 0..65535, got {self.port}")
+        if self.workers > 1 and not self.redis_url:
+            raise ConfigError("--workers above 1 needs --redis-url: the embedded broker only "
+                              "reaches its own process")
+        if self.redis_cluster and len(self.redis_url) != 1:
+            raise ConfigError("--redis-cluster takes exactly one --redis-url (a seed node)")
+        for opt in OPTIONS:
+            if opt.choices and getattr(self, opt.name) not in opt.choices:
+                raise ConfigError(f"{opt.flag} must be one of {', '.join(opt.choices)}")
+
+    @classmethod
+    def from_sources(cls, flags: Mapping[str, Any], environ: Mapping[str, str] | None = None,
+                     ) -> Config:
+        """Merge ``flags`` (None or absent: not given) over ``environ`` over the defaults.
+
+        Raises :class:`ConfigError` naming the flag or variable whose value is bad.
+        """
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for opt in OPTIONS:
+            value = flags.get(opt.name)
+            if value is None or (opt.repeat and not value):
+                raw = environ.get(opt.env)
+                if raw is None or raw == "":
+                    continue
+                value = _parse(opt, raw)
+            values[opt.name] = tuple(value) if opt.repeat else value
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with ``changes`` applied and validated."""
+        return dataclasses.replace(self, **changes)
+
+
+def _parse(opt: Option, raw: str) -> Any:
+    try:
+        if opt.repeat:
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+        if opt.type is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        return opt.type(raw)
+    except ValueError:
+        raise ConfigError(f"{opt.env}={raw!r} is not a valid {opt.type.__name__}") from None
