@@ -1,0 +1,56 @@
+"""Prometheus metrics of one hub process, served at ``GET /metrics`` (text format 0.0.4).
+
+Each :class:`Metrics` has its own ``CollectorRegistry``, so several hubs in one process (tests)
+do not collide. Names are listed in docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["Metrics", "CONTENT_TYPE_LATEST"]
+
+
+class Metrics:
+    """Counters and gauges of a hub process. Gauges read live values through callbacks."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.connections = Gauge("hub_connections", "Open WebSocket connections", registry=r)
+        self.subscriptions = Gauge("hub_subscriptions", "Channel subscriptions of local "
+                                   "connections, personal channels included", registry=r)
+        self.channels = Gauge("hub_channels", "Channels with at least one local subscriber",
+                              registry=r)
+        self.broker_connected = Gauge("hub_broker_connected", "1 while the broker is connected",
+                                      registry=r)
+        self.received = Counter("hub_messages_received", "Messages received from the broker",
+                                registry=r)
+        self.deliveries = Counter("hub_deliveries", "Messages written to local connections",
+                                  registry=r)
+        self.errors = Counter("hub_errors", "Error replies sent to clients, by code", ["code"],
+                              registry=r)
+        self.slow_consumers = Counter("hub_slow_consumers_closed", "Connections closed with "
+                                      "4008 because their write buffer passed the limit",
+                                      registry=r)
+        self.broker_reconnects = Counter("hub_broker_reconnects", "Broker links rebuilt after "
+                                         "a loss", registry=r)
+        self.gaps = Counter("hub_gaps_signalled", "gap frames sent to clients after a broker "
+                            "outage", registry=r)
+        self.closes = Counter("hub_connections_closed", "Connections closed by the hub, by "
+                              "close code", ["code"], registry=r)
+
+    def bind(self, connections: Callable[[], float], subscriptions: Callable[[], float],
+             channels: Callable[[], float], broker_connected: Callable[[], float]) -> None:
+        """Attach the callbacks the gauges read at scrape time."""
+        self.connections.set_function(connections)
+        self.subscriptions.set_function(subscriptions)
+        self.channels.set_function(channels)
+        self.broker_connected.set_function(broker_connected)
+
+    def render(self) -> bytes:
+        """The exposition text of every metric."""
+        return generate_latest(self.registry)

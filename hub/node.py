@@ -1,0 +1,230 @@
+"""The node: joins the local registry, the broker and the fan-out of one hub process.
+
+One message's way: the broker hands ``(channel, payload)`` to :meth:`Node.deliver`, which
+looks the channel up in the registry, returns at once if nobody local listens, builds the
+delivery frame once, and writes it to every local subscriber with one ``broadcast()`` call;
+then it checks the write buffers and drops slow consumers (close code 4008).
+
+The registry decides the broker subscriptions: the broker subscribes a channel when its first
+local connection subscribes and unsubscribes it when the last one leaves, so ``PUBSUB NUMSUB``
+counts hub processes, not clients. Operations on one channel are serialised by a lock so that
+a subscribe racing an unsubscribe always ends in the state the registry asks for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine, Hashable
+from typing import Any, Protocol
+
+import orjson
+from websockets.asyncio.server import broadcast
+from websockets.protocol import State
+
+from .broker import Broker, create_broker
+from .config import Config
+from .exceptions import BrokerUnavailable
+from .metrics import Metrics
+from .protocol import CLOSE_SLOW_CONSUMER, gap_frame, message_frame, payload_to_json
+from .registry import Registry
+
+__all__ = ["Node", "SUBSCRIBE_TIMEOUT", "SLOW_CLOSE_TIMEOUT"]
+
+logger = logging.getLogger("hub.node")
+
+#: Seconds a subscribe waits for the broker's confirmation before answering ``unavailable``.
+SUBSCRIBE_TIMEOUT = 5.0
+#: Seconds a closing handshake may take before the TCP connection is aborted.
+SLOW_CLOSE_TIMEOUT = 2.0
+
+
+class Conn(Hashable, Protocol):
+    """What the node needs of a connection (a :class:`hub.server.HubConnection`)."""
+
+    user: str | None
+    dropping: bool
+    protocol: Any
+    transport: Any
+
+    async def close(self, code: int = 1000, reason: str = "") -> None: ...
+
+
+class Node:
+    """Registry, broker and fan-out of one process.
+
+    ``config`` supplies the limits (``max_buffer_bytes`` in bytes); ``metrics`` is updated as
+    messages flow. Call :meth:`start` before use and :meth:`stop` at shutdown.
+    """
+
+    def __init__(self, config: Config, metrics: Metrics | None = None,
+                 broker: Broker | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.registry: Registry[Any] = Registry()
+        self.broker = broker or create_broker(config, self.deliver, self.signal_gap)
+        self.broker.on_message = self.deliver
+        self.broker.on_gap = self.signal_gap
+        self._max_buffer = config.max_buffer_bytes
+        self._locks: dict[str, list[Any]] = {}  # channel -> [Lock, users]
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.metrics.bind(
+            connections=lambda: len(self.registry),
+            subscriptions=lambda: sum(len(c) for c in self.registry.channels_of.values()),
+            channels=lambda: len(self.registry.by_channel),
+            broker_connected=lambda: 1.0 if self.broker.connected else 0.0,
+        )
+        if hasattr(self.broker, "on_state"):
+            self.broker.on_state = self._on_broker_state
+        self._had_broker = False
+
+    async def start(self) -> None:
+        await self.broker.start()
+
+    async def stop(self) -> None:
+        await self.broker.stop()
+        for task in list(self._tasks):
+            task.cancel()
+
+    @property
+    def ready(self) -> bool:
+        return self.broker.connected
+
+    # -- fan-out (the hot path) ------------------------------------------------------------
+
+    def deliver(self, channel: str, payload: bytes) -> None:
+        """Fan one broker message out to the local subscribers of ``channel``."""
+        self.metrics.received.inc()
+        conns = self.registry.by_channel.get(channel)
+        if not conns:
+            return
+        frame = message_frame(orjson.dumps(channel), payload_to_json(payload))
+        broadcast(conns, frame, text=True)
+        self.metrics.deliveries.inc(len(conns))
+        limit = self._max_buffer
+        slow = None
+        for conn in conns:
+            if conn.transport.get_write_buffer_size() > limit:
+                if slow is None:
+                    slow = []
+                slow.append(conn)
+        if slow:
+            for conn in slow:
+                self.drop_slow_consumer(conn)
+
+    def drop_slow_consumer(self, conn: Conn) -> None:
+        """Stop sending to ``conn`` now and close it with 4008 (abort if that stalls)."""
+        if conn.dropping:
+            return
+        logger.warning("closing slow consumer user=%s buffer=%d bytes", conn.user,
+                       conn.transport.get_write_buffer_size())
+        self.metrics.slow_consumers.inc()
+        self.detach(conn)
+        self.close_connection(conn, CLOSE_SLOW_CONSUMER, "slow consumer", SLOW_CLOSE_TIMEOUT)
+
+    def signal_gap(self, channels: list[str]) -> None:
+        """Tell every local subscriber of ``channels`` that messages may have been lost."""
+        affected: dict[Any, list[str]] = {}
+        for channel in channels:
+            for conn in self.registry.by_channel.get(channel, ()):
+                affected.setdefault(conn, []).append(channel)
+        for conn, names in affected.items():
+            broadcast((conn,), gap_frame(names), text=True)
+        self.metrics.gaps.inc(len(affected))
+        logger.warning("broker gap: %d channels, %d connections told", len(channels),
+                       len(affected))
+
+    def _on_broker_state(self, connected: bool) -> None:
+        if connected:
+            if self._had_broker:
+                self.metrics.broker_reconnects.inc()
+            self._had_broker = True
+
+    # -- connections and subscriptions -----------------------------------------------------
+
+    def attach(self, conn: Conn) -> None:
+        """Register ``conn`` (its ``user`` may be None)."""
+        self.registry.add_connection(conn, conn.user)
+
+    def detach(self, conn: Conn) -> None:
+        """Forget ``conn`` and release the channels it was the last local subscriber of.
+        Idempotent."""
+        if conn not in self.registry.channels_of:
+            return
+        for channel in self.registry.remove_connection(conn, conn.user):
+            self.spawn(self.sync(channel))
+
+    async def subscribe(self, conn: Conn, channel: str) -> None:
+        """Subscribe ``conn``; return once the broker subscription is live.
+
+        Raises :class:`BrokerUnavailable` (and leaves ``conn`` unsubscribed) if the broker does
+        not confirm within :data:`SUBSCRIBE_TIMEOUT` seconds.
+        """
+        self.registry.subscribe(conn, channel)
+        if self.broker.is_live(channel):
+            return
+        try:
+            await self.sync(channel)
+        except BrokerUnavailable:
+            if self.registry.unsubscribe(conn, channel):
+                self.spawn(self.sync(channel))
+            raise
+
+    def unsubscribe(self, conn: Conn, channel: str) -> None:
+        """Unsubscribe ``conn``; the broker lets go of the channel in the background."""
+        if self.registry.unsubscribe(conn, channel):
+            self.spawn(self.sync(channel))
+
+    async def sync(self, channel: str) -> None:
+        """Make the broker subscription of ``channel`` match the registry."""
+        entry = self._locks.get(channel)
+        if entry is None:
+            entry = self._locks[channel] = [asyncio.Lock(), 0]
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                if self.registry.has_channel(channel):
+                    await self.broker.subscribe(channel, SUBSCRIBE_TIMEOUT)
+                else:
+                    await self.broker.unsubscribe(channel)
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._locks[channel]
+
+    async def publish(self, channel: str, payload: bytes) -> int:
+        """Publish through the broker (so every process delivers it); see Broker.publish."""
+        return await self.broker.publish(channel, payload)
+
+    # -- closing ---------------------------------------------------------------------------
+
+    def close_connection(self, conn: Conn, code: int, reason: str, timeout: float
+                         ) -> asyncio.Task[None]:
+        """Close ``conn`` with ``code`` in the background; abort the TCP connection if the
+        closing handshake has not finished within ``timeout`` seconds."""
+        conn.dropping = True
+        self.metrics.closes.labels(str(code)).inc()
+        return self.spawn(_close_or_abort(conn, code, reason, timeout))
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            if not isinstance(exc, BrokerUnavailable):
+                logger.error("background task failed", exc_info=exc)
+
+
+async def _close_or_abort(conn: Conn, code: int, reason: str, timeout: float) -> None:
+    try:
+        await asyncio.wait_for(conn.close(code, reason), timeout)
+    except Exception:  # noqa: BLE001 - whatever happened, the connection goes
+        pass
+    finally:
+        if conn.protocol.state is not State.CLOSED:
+            conn.transport.abort()

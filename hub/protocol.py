@@ -1,0 +1,200 @@
+"""The wire format, sans-I/O: parse client frames, check channel names, build server frames.
+
+Everything here is pure: no sockets, no asyncio. docs/protocol.md is the contract this module
+implements; tests/test_protocol.py pins it.
+
+Client frames are UTF-8 JSON objects ``{"op": ..., "id": ...}`` (RFC 6455 section 5.6 text
+frames). Server frames are built as bytes once and sent as text frames.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from .exceptions import ProtocolError
+
+__all__ = [
+    "Command", "parse_command", "check_channel", "channel_matches", "personal_channel",
+    "message_frame", "payload_to_json", "ack_frame", "pong_frame", "error_frame", "gap_frame",
+    "encode_data", "CHANNEL_RE", "OPS", "ERROR_CODES", "CLOSE_CODES",
+    "CLOSE_GOING_AWAY", "CLOSE_TOKEN_EXPIRED", "CLOSE_SLOW_CONSUMER", "CLOSE_RATE_LIMITED",
+]
+
+#: Valid channel names: 1 to 128 characters of letters, digits and ``_ . : @ / -``.
+CHANNEL_RE = re.compile(r"[A-Za-z0-9_.:@/-]{1,128}")
+#: Names that start with these (in any letter case) are reserved namespaces.
+PERSONAL_PREFIX = "user:"
+PRIVATE_PREFIX = "private:"
+
+OPS = ("subscribe", "unsubscribe", "publish", "ping", "refresh")
+
+#: Error codes of ``{"type":"error"}`` replies (docs/protocol.md "Errors").
+ERROR_CODES = {
+    "bad_request": "invalid JSON, not an object, a binary frame, a missing or wrong-typed field, "
+                   "or an unknown op",
+    "bad_channel": "the channel name does not match ^[A-Za-z0-9_.:@/-]{1,128}$ or misspells a "
+                   "reserved prefix",
+    "forbidden": "the connection may not subscribe or publish to this channel",
+    "limit_exceeded": "the connection already has --max-subscriptions subscriptions",
+    "rate_limited": "more commands than --rate-limit allows; the command was dropped",
+    "unavailable": "the broker (Redis) could not confirm the operation in time; retry",
+    "unauthorized": "the token of a refresh is missing, invalid, expired or for another user",
+}
+
+# Close codes (RFC 6455 section 7.4; 4000-4999 are ours).
+CLOSE_GOING_AWAY = 1001      # the hub is shutting down
+CLOSE_TOKEN_EXPIRED = 4001   # the JWT expired and no refresh came in time
+CLOSE_SLOW_CONSUMER = 4008   # the write buffer passed --max-buffer-bytes
+CLOSE_RATE_LIMITED = 4029    # a sustained command flood past --rate-limit
+CLOSE_CODES = {
+    1001: "going away: the hub is shutting down",
+    1007: "invalid UTF-8 in a text frame (RFC 6455 section 8.1)",
+    1009: "a frame or message larger than --max-message-bytes",
+    1011: "internal error",
+    4001: "token expired: send a refresh before exp",
+    4008: "slow consumer: the client did not read fast enough",
+    4029: "rate limit: sustained flood of commands",
+}
+
+_MAX_ID_LEN = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """One parsed client command.
+
+    ``op`` is one of :data:`OPS`; ``id`` is the client's id (int, str or None) to echo back;
+    ``channel`` is set for subscribe, unsubscribe and publish; ``data`` is the publish payload
+    already serialised to JSON bytes; ``token`` is set for refresh.
+    """
+
+    op: str
+    id: int | str | None = None
+    channel: str | None = None
+    data: bytes | None = None
+    token: str | None = None
+
+
+def parse_command(frame: str | bytes) -> Command:
+    """Parse one client frame into a :class:`Command`.
+
+    ``frame`` is the message as websockets returns it: ``str`` for a text frame, ``bytes`` for a
+    binary one. Raises :class:`ProtocolError` with code ``bad_request`` (binary frame, invalid
+    JSON, nesting deeper than orjson's limit of 1024, not an object, unknown op, missing or
+    wrong-typed field) or ``bad_channel``; the error carries the command's id when it was read.
+    """
+    if isinstance(frame, bytes):
+        raise ProtocolError("bad_request", "binary frames are not accepted; send JSON text")
+    try:
+        obj = orjson.loads(frame)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError("bad_request", f"invalid JSON: {exc.msg}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("bad_request", "a command is a JSON object")
+    cid = obj.get("id")
+    if cid is not None and (isinstance(cid, bool) or not isinstance(cid, (int, str))
+                            or (isinstance(cid, str) and len(cid) > _MAX_ID_LEN)):
+        raise ProtocolError("bad_request", f"id must be an integer or a string of at most "
+                            f"{_MAX_ID_LEN} characters")
+    op = obj.get("op")
+    if not isinstance(op, str):
+        raise ProtocolError("bad_request", "missing or non-string field 'op'", cid)
+    if op in ("subscribe", "unsubscribe", "publish"):
+        channel = check_channel(obj.get("channel"), cid)
+        if op != "publish":
+            return Command(op, cid, channel)
+        if "data" not in obj:
+            raise ProtocolError("bad_request", "publish needs a 'data' field", cid)
+        return Command(op, cid, channel, data=encode_data(obj["data"], cid))
+    if op == "ping":
+        return Command(op, cid)
+    if op == "refresh":
+        token = obj.get("token")
+        if not isinstance(token, str) or not token:
+            raise ProtocolError("bad_request", "refresh needs a string field 'token'", cid)
+        return Command(op, cid, token=token)
+    raise ProtocolError("bad_request", f"unknown op {op[:32]!r}", cid)
+
+
+def encode_data(data: Any, cid: object = None) -> bytes:
+    """Serialise a publish payload to JSON bytes; raise ``bad_request`` if orjson cannot."""
+    try:
+        return orjson.dumps(data)
+    except (TypeError, orjson.JSONEncodeError) as exc:  # e.g. an integer past 64 bits
+        raise ProtocolError("bad_request", f"data cannot be serialised: {exc}", cid) from None
+
+
+def check_channel(name: object, cid: object = None) -> str:
+    """Return ``name`` if it is a valid channel name, else raise ``bad_channel``.
+
+    Names are matched exactly and are case-sensitive. A name whose prefix spells a reserved
+    namespace in another letter case (``User:alice``, ``PRIVATE:x``) is rejected, so that it
+    cannot be mistaken for the personal or private channel it resembles.
+    """
+    if not isinstance(name, str):
+        raise ProtocolError("bad_request" if name is None else "bad_channel",
+                            "missing or non-string field 'channel'", cid)
+    if CHANNEL_RE.fullmatch(name) is None:
+        raise ProtocolError("bad_channel", "channel names are 1-128 characters of "
+                            "A-Z a-z 0-9 _ . : @ / -", cid)
+    lowered = name[:8].lower()
+    for prefix in (PERSONAL_PREFIX, PRIVATE_PREFIX):
+        if lowered.startswith(prefix) and not name.startswith(prefix):
+            raise ProtocolError("bad_channel", f"the reserved prefix is spelled {prefix!r}", cid)
+    return name
+
+
+def personal_channel(user_id: str) -> str:
+    """The personal channel of ``user_id``: ``user:<id>``."""
+    return PERSONAL_PREFIX + user_id
+
+
+def channel_matches(channel: str, patterns: tuple[str, ...] | list[str]) -> bool:
+    """True if ``channel`` equals a pattern, or starts with a pattern ending in ``*`` minus it."""
+    for pattern in patterns:
+        if pattern.endswith("*"):
+            if channel.startswith(pattern[:-1]):
+                return True
+        elif channel == pattern:
+            return True
+    return False
+
+
+def payload_to_json(payload: bytes) -> bytes:
+    """The ``data`` JSON of a broker payload: the payload itself if it is valid JSON, else the
+    payload as a JSON string (invalid UTF-8 replaced by U+FFFD). Nothing is dropped."""
+    try:
+        orjson.loads(payload)
+        return payload
+    except orjson.JSONDecodeError:
+        return orjson.dumps(payload.decode("utf-8", "replace"))
+
+
+def message_frame(channel_json: bytes, data_json: bytes) -> bytes:
+    """``{"type":"message","channel":...,"data":...}`` from the already-encoded channel name
+    and data. Built once per message per process, never per recipient."""
+    return b'{"type":"message","channel":' + channel_json + b',"data":' + data_json + b"}"
+
+
+def ack_frame(cid: object) -> bytes:
+    """``{"type":"ack","id":<id>}``."""
+    return orjson.dumps({"type": "ack", "id": cid})
+
+
+def pong_frame(cid: object) -> bytes:
+    """``{"type":"pong","id":<id>}``."""
+    return orjson.dumps({"type": "pong", "id": cid})
+
+
+def error_frame(code: str, message: str, cid: object = None) -> bytes:
+    """``{"type":"error","id":<id or null>,"code":<code>,"message":<text>}``."""
+    return orjson.dumps({"type": "error", "id": cid, "code": code, "message": message})
+
+
+def gap_frame(channels: list[str]) -> bytes:
+    """``{"type":"gap","channels":[...]}``: messages on these channels may have been lost."""
+    return orjson.dumps({"type": "gap", "channels": sorted(channels)})

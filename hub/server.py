@@ -1,0 +1,363 @@
+"""The hub process: HTTP paths, the handshake, the connection handler, serve and shutdown.
+
+Paths on the one port: ``/ws`` (the WebSocket endpoint), ``GET /healthz`` (200 while the
+process runs), ``GET /readyz`` (200 while the broker is connected and the process is not
+stopping, else 503), ``GET /metrics`` (Prometheus text), anything else 404.
+
+Shutdown (SIGTERM or SIGINT), in order: ``/readyz`` turns 503 and the listening socket closes;
+every connection gets close code 1001 (going away); connections that have not closed within
+``--shutdown-timeout`` seconds are aborted; the broker link closes; the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import logging
+import signal
+import time
+from typing import Any
+
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from .auth import Identity, identify, verify_token
+from .config import Config
+from .exceptions import AuthError, BrokerUnavailable, ProtocolError
+from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .node import SLOW_CLOSE_TIMEOUT, Node
+from .protocol import (
+    CLOSE_GOING_AWAY, CLOSE_RATE_LIMITED, CLOSE_TOKEN_EXPIRED, Command, ack_frame,
+    channel_matches, error_frame, parse_command, personal_channel, pong_frame,
+)
+
+__all__ = ["Hub", "HubConnection", "run"]
+
+logger = logging.getLogger("hub.server")
+
+#: Seconds the peer has to answer our close frame before the TCP connection is dropped.
+CLOSE_TIMEOUT = 5.0
+
+
+class HubConnection(ServerConnection):
+    """A WebSocket connection with the hub's per-connection state.
+
+    ``user`` is the user id (None: anonymous); ``private`` the private channel patterns of its
+    token; ``dropping`` is True once the hub decided to close it. The rate limiter is a token
+    bucket of ``tokens`` refilled at ``--rate-limit`` per second up to twice that.
+    """
+
+    hub: Hub  # set on the per-server subclass
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.user: str | None = None
+        self.private: tuple[str, ...] = ()
+        self.dropping = False
+        self.counted = False
+        self.tokens = 0.0
+        self.refilled = 0.0
+        self.strikes = 0
+        self.expiry: asyncio.TimerHandle | None = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.hub.forget(self)
+
+
+class Hub:
+    """One hub process: the node plus the WebSocket server around it."""
+
+    def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.node = Node(config, self.metrics)
+        self.stopping = False
+        self.open_connections = 0
+        self.server: Any = None
+        self._rate = config.rate_limit
+        self._burst = 2 * config.rate_limit
+        self._connection_class = type("HubConnection", (HubConnection,), {"hub": self})
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self, reuse_port: bool = False) -> None:
+        """Connect the broker (in the background) and start listening."""
+        cfg = self.config
+        if cfg.jwt_secret is None:
+            logger.warning("authentication is OFF (no --jwt-secret): any client may connect "
+                           "and claim any user id with ?user=; never run this in production")
+        elif len(cfg.jwt_secret.encode()) < 32:
+            logger.warning("--jwt-secret is shorter than 32 bytes; HS256 wants at least 32")
+        await self.node.start()
+        origins = [*cfg.allowed_origin, None] if cfg.allowed_origin else None
+        self.server = await serve(
+            self._handler, cfg.host, cfg.port,
+            create_connection=self._connection_class,
+            process_request=self._process_request,
+            process_response=self._process_response,
+            origins=origins,
+            compression="deflate" if cfg.compression == "deflate" else None,
+            max_size=cfg.max_message_bytes,
+            ping_interval=cfg.ping_interval or None,
+            ping_timeout=cfg.ping_interval or None,
+            close_timeout=CLOSE_TIMEOUT,
+            server_header=None,
+            reuse_port=reuse_port or None,
+        )
+        logger.info("listening on %s:%d (%s broker)", cfg.host, self.port,
+                    type(self.node.broker).__name__)
+
+    @property
+    def port(self) -> int:
+        return self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        """The ordered shutdown of the module docstring. Never raises."""
+        self.stopping = True
+        self.server.close(close_connections=False)
+        conns = list(self.node.registry.connections())
+        logger.info("shutting down: closing %d connections with 1001", len(conns))
+        timeout = self.config.shutdown_timeout
+        tasks = [self.node.close_connection(c, CLOSE_GOING_AWAY, "server shutting down",
+                                            timeout) for c in conns if not c.dropping]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout + 1)
+        for conn in list(self.server.connections):
+            conn.transport.abort()
+        try:
+            await asyncio.wait_for(self.server.wait_closed(), 2.0)
+        except TimeoutError:
+            logger.warning("some connection handlers did not finish")
+        await self.node.stop()
+        logger.info("stopped")
+
+    # -- handshake -------------------------------------------------------------------------
+
+    def _process_request(self, conn: HubConnection, request: Request) -> Response | None:
+        path = request.path.partition("?")[0]
+        if path == "/healthz":
+            return conn.respond(http.HTTPStatus.OK, "OK\n")
+        if path == "/readyz":
+            if self.node.ready and not self.stopping:
+                return conn.respond(http.HTTPStatus.OK, "ready\n")
+            return conn.respond(http.HTTPStatus.SERVICE_UNAVAILABLE,
+                                "stopping\n" if self.stopping else "broker not connected\n")
+        if path == "/metrics":
+            response = conn.respond(http.HTTPStatus.OK, "")
+            body = self.metrics.render()
+            response.headers = Headers([("Content-Type", CONTENT_TYPE_LATEST),
+                                        ("Content-Length", str(len(body))),
+                                        ("Connection", "close")])
+            response.body = body
+            return response
+        if path != "/ws":
+            return conn.respond(http.HTTPStatus.NOT_FOUND, "not found; the WebSocket endpoint "
+                                "is /ws\n")
+        if self.stopping:
+            return conn.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "shutting down\n")
+        if self.open_connections >= self.config.max_connections:
+            return conn.respond(http.HTTPStatus.SERVICE_UNAVAILABLE,
+                                "too many connections\n")
+        try:
+            identity = identify(request.path, request.headers.get("Authorization"),
+                                self.config.jwt_secret)
+        except AuthError as exc:
+            status = (http.HTTPStatus.BAD_REQUEST if self.config.jwt_secret is None
+                      else http.HTTPStatus.UNAUTHORIZED)
+            logger.info("handshake rejected (%d): %s", status, exc)
+            return conn.respond(status, f"{exc}\n")
+        self._apply_identity(conn, identity)
+        conn.counted = True
+        self.open_connections += 1
+        return None
+
+    async def _process_response(self, conn: HubConnection, request: Request,
+                                response: Response) -> Response | None:
+        """Register an accepted connection and make its personal channel live before the
+        101 goes out, so a backend may push to ``user:<id>`` as soon as the client is open."""
+        if response.status_code != http.HTTPStatus.SWITCHING_PROTOCOLS:
+            return None
+        self.node.attach(conn)
+        if conn.user is None:
+            return None
+        try:
+            await self.node.subscribe(conn, personal_channel(conn.user))
+        except BrokerUnavailable:
+            self.node.detach(conn)
+            return conn.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "broker not connected\n")
+        return None
+
+    def _apply_identity(self, conn: HubConnection, identity: Identity) -> None:
+        conn.user = identity.user
+        conn.private = identity.channels
+        if conn.expiry is not None:
+            conn.expiry.cancel()
+            conn.expiry = None
+        if identity.expires_at is not None:
+            delay = max(0.0, identity.expires_at - time.time())
+            conn.expiry = asyncio.get_running_loop().call_later(delay, self._expire, conn)
+
+    def _expire(self, conn: HubConnection) -> None:
+        conn.expiry = None
+        if conn.dropping:
+            return
+        logger.info("token expired user=%s", conn.user)
+        self.node.detach(conn)
+        self.node.close_connection(conn, CLOSE_TOKEN_EXPIRED, "token expired",
+                                   SLOW_CLOSE_TIMEOUT)
+
+    def forget(self, conn: HubConnection) -> None:
+        """Called once the TCP connection is gone, whatever happened before."""
+        if conn.expiry is not None:
+            conn.expiry.cancel()
+            conn.expiry = None
+        if conn.counted:
+            conn.counted = False
+            self.open_connections -= 1
+        self.node.detach(conn)
+
+    # -- the connection --------------------------------------------------------------------
+
+    async def _handler(self, conn: HubConnection) -> None:
+        remote = conn.remote_address[0] if conn.remote_address else "?"
+        logger.info("open user=%s remote=%s", conn.user, remote)
+        conn.tokens = self._burst
+        conn.refilled = time.monotonic()
+        try:
+            async for frame in conn:
+                if conn.dropping:
+                    break
+                reply = await self._command(conn, frame)
+                if reply is not None:
+                    await conn.send(reply, text=True)
+        except ConnectionClosed:
+            pass
+        finally:
+            self.node.detach(conn)
+            logger.info("close user=%s remote=%s code=%s", conn.user, remote,
+                        conn.close_code)
+
+    def _allow(self, conn: HubConnection) -> bool:
+        """Token bucket: True if this command may run."""
+        if self._rate <= 0:
+            return True
+        now = time.monotonic()
+        conn.tokens = min(self._burst, conn.tokens + (now - conn.refilled) * self._rate)
+        conn.refilled = now
+        if conn.tokens >= 1.0:
+            conn.tokens -= 1.0
+            conn.strikes = 0
+            return True
+        conn.strikes += 1
+        return False
+
+    async def _command(self, conn: HubConnection, frame: str | bytes) -> bytes | None:
+        """Run one client frame; return the reply frame."""
+        if not self._allow(conn):
+            if conn.strikes > self._burst:
+                logger.warning("closing flooding connection user=%s", conn.user)
+                self.node.detach(conn)
+                self.node.close_connection(conn, CLOSE_RATE_LIMITED, "rate limit",
+                                           SLOW_CLOSE_TIMEOUT)
+                return None
+            return self._error(ProtocolError("rate_limited", f"more than {self._rate:g} "
+                                             "commands per second"))
+        try:
+            command = parse_command(frame)
+            return await self._run(conn, command)
+        except ProtocolError as exc:
+            return self._error(exc)
+
+    def _error(self, exc: ProtocolError) -> bytes:
+        self.metrics.errors.labels(exc.code).inc()
+        return error_frame(exc.code, exc.message, exc.id)
+
+    async def _run(self, conn: HubConnection, cmd: Command) -> bytes:
+        op, cid = cmd.op, cmd.id
+        if op == "subscribe":
+            channel = cmd.channel
+            assert channel is not None
+            self._check_subscribe(conn, channel, cid)
+            subscribed = self.node.registry.channels_of.get(conn)
+            if subscribed is None:  # closed meanwhile
+                return ack_frame(cid)
+            if channel not in subscribed:
+                personal = 1 if conn.user is not None else 0
+                if len(subscribed) - personal >= self.config.max_subscriptions:
+                    raise ProtocolError("limit_exceeded", f"at most "
+                                        f"{self.config.max_subscriptions} subscriptions", cid)
+                try:
+                    await self.node.subscribe(conn, channel)
+                except BrokerUnavailable as exc:
+                    raise ProtocolError("unavailable", str(exc), cid) from None
+            return ack_frame(cid)
+        if op == "unsubscribe":
+            assert cmd.channel is not None
+            if conn.user is None or cmd.channel != personal_channel(conn.user):
+                self.node.unsubscribe(conn, cmd.channel)
+            return ack_frame(cid)
+        if op == "publish":
+            assert cmd.channel is not None and cmd.data is not None
+            if not channel_matches(cmd.channel, self.config.client_publish):
+                raise ProtocolError("forbidden", "clients may not publish to this channel", cid)
+            try:
+                await self.node.publish(cmd.channel, cmd.data)
+            except BrokerUnavailable as exc:
+                raise ProtocolError("unavailable", str(exc), cid) from None
+            return ack_frame(cid)
+        if op == "ping":
+            return pong_frame(cid)
+        assert op == "refresh" and cmd.token is not None
+        return self._refresh(conn, cmd.token, cid)
+
+    def _check_subscribe(self, conn: HubConnection, channel: str, cid: object) -> None:
+        if channel.startswith("user:"):
+            if conn.user is None or channel != personal_channel(conn.user):
+                raise ProtocolError("forbidden", "the personal channel of another user", cid)
+        elif channel.startswith("private:"):
+            if not channel_matches(channel, conn.private):
+                raise ProtocolError("forbidden", "the token does not grant this private "
+                                    "channel", cid)
+
+    def _refresh(self, conn: HubConnection, token: str, cid: object) -> bytes:
+        secret = self.config.jwt_secret
+        if secret is None:
+            raise ProtocolError("bad_request", "authentication is off; nothing to refresh", cid)
+        try:
+            identity = verify_token(token, secret)
+        except AuthError as exc:
+            raise ProtocolError("unauthorized", str(exc), cid) from None
+        if identity.user != conn.user:
+            raise ProtocolError("forbidden", "the token is for another user", cid)
+        self._apply_identity(conn, identity)
+        return ack_frame(cid)
+
+
+async def serve_until_signal(config: Config, reuse_port: bool = False) -> int:
+    """Run a hub until SIGTERM or SIGINT, then stop it in order. Returns the exit code 0."""
+    loop = asyncio.get_running_loop()
+    hub = Hub(config)
+    await hub.start(reuse_port=reuse_port)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logger.info("signal received")
+    await hub.stop()
+    return 0
+
+
+def run(config: Config, *, reuse_port: bool = False) -> int:
+    """Run one hub process until SIGTERM/SIGINT; returns the exit code (0).
+
+    Uses uvloop when it is installed (the ``hub[uvloop]`` extra). ``reuse_port`` sets
+    SO_REUSEPORT so that several workers share the port (``hub serve --workers N``).
+    """
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(serve_until_signal(config, reuse_port))
+    return uvloop.run(serve_until_signal(config, reuse_port))
