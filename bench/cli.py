@@ -1,0 +1,186 @@
+"""``python -m bench``: the same fan-out workload against several stacks, side by side.
+
+For every client count N and every stack, one session: start the stack's server, connect
+N WebSocket clients from ``--loadgen-procs`` processes, then for every rate of ``--rates``
+one run: a publisher process publishes ``--messages`` messages of ``--size`` bytes to one
+channel through Redis (at that rate in msg/s, 0 = as fast as possible, at most
+``--duration-limit`` seconds), and the clients record every delivery's latency.
+
+Prints a table and ratios, writes ``results.json``, ``latency.png`` and ``throughput.png``
+under ``--out`` (default ``bench/results/<UTC timestamp>/``). Performance is never asserted;
+the exit code is 0 when every session ran (losses are reported, not failures), 1 when a
+session failed, 2 on a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import sys
+import time
+import traceback
+from importlib import metadata
+
+from .procs import RedisServer, raise_nofile
+from .report import ratios, table, write_json, write_plots
+from .runner import Settings, run_session
+from .stacks import REPO, STACKS, hub_available
+
+__all__ = ["main"]
+
+QUICK = {"clients": [200], "messages": 100, "rates": [100.0, 0.0], "duration_limit": 20.0}
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _rates(text: str) -> list[float]:
+    out = []
+    for x in text.split(","):
+        x = x.strip().lower()
+        if x:
+            out.append(0.0 if x in ("max", "0") else float(x))
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stacks", default="ceiling,socketio,hub,hub2",
+                   help="comma-separated, from: " + ", ".join(STACKS) + " (default: all)")
+    p.add_argument("--clients", type=_ints, default=None,
+                   help="client counts N, comma-separated (default 1000,5000)")
+    p.add_argument("--messages", type=int, default=None,
+                   help="messages per run (default 300)")
+    p.add_argument("--rates", type=_rates, default=None,
+                   help="offered rates in msg/s, 'max' or 0 = as fast as possible "
+                        "(default 10,25,50,100,200,max)")
+    p.add_argument("--size", type=int, default=100, help="payload bytes (default 100)")
+    p.add_argument("--duration-limit", type=float, default=None,
+                   help="seconds a run may publish (default 20); deliveries are awaited "
+                        "--drain more seconds, then the rest count as lost")
+    p.add_argument("--drain", type=float, default=10.0,
+                   help="seconds to wait for deliveries after the publish bound (default 10)")
+    p.add_argument("--quiet", type=float, default=5.0,
+                   help="stop waiting after this many seconds without a delivery (default 5)")
+    p.add_argument("--quick", action="store_true",
+                   help="preset: N=200, 100 messages, rates 100,max, 20 s bound "
+                        "(explicit flags win)")
+    p.add_argument("--redis-url", default=None,
+                   help="Redis to use (default: start our own redis-server on a free port)")
+    p.add_argument("--loadgen-procs", type=int, default=2,
+                   help="load-generator processes (default 2)")
+    p.add_argument("--connect-concurrency", type=int, default=32,
+                   help="handshakes in flight per load-generator process (default 32)")
+    p.add_argument("--no-uvloop", action="store_true",
+                   help="default asyncio loop for the clients, the publisher and the "
+                        "ceiling and socketio servers (the hub picks its own)")
+    p.add_argument("--out", default=None,
+                   help="output directory (default bench/results/<UTC timestamp>)")
+    return p
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("websockets", "redis", "hiredis", "orjson", "uvloop", "python-socketio",
+                 "python-engineio", "aiohttp", "psutil", "numpy"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "missing"
+    return out
+
+
+def _machine() -> dict:
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
+                         model)
+    except OSError:
+        pass
+    return {"nproc": os.cpu_count(), "cpu_model": model, "platform": platform.platform()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    clients = args.clients or (QUICK["clients"] if args.quick else [1000, 5000])
+    messages = args.messages or (QUICK["messages"] if args.quick else 300)
+    rates = args.rates or (QUICK["rates"] if args.quick else [10, 25, 50, 100, 200, 0])
+    limit = args.duration_limit or (QUICK["duration_limit"] if args.quick else 20.0)
+    names = [x.strip() for x in args.stacks.split(",") if x.strip()]
+    unknown = [x for x in names if x not in STACKS]
+    if unknown or not names:
+        print(f"unknown stack(s) {unknown}; choose from {', '.join(STACKS)}", file=sys.stderr)
+        return 2
+    if any(n.startswith("hub") for n in names):
+        why = hub_available()
+        if why:
+            print(f"skipping hub stacks: {why}", file=sys.stderr)
+            names = [n for n in names if not n.startswith("hub")]
+            if not names:
+                return 2
+
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    out = args.out or os.path.join(REPO, "bench", "results", stamp)
+    os.makedirs(out, exist_ok=True)
+    logdir = os.path.join(out, "logs")
+    os.makedirs(logdir, exist_ok=True)
+    nofile = raise_nofile()
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    meta = {"started": stamp, "argv": sys.argv[1:] if argv is None else list(argv),
+            "stacks": names, "clients": clients, "messages": messages, "rates": rates,
+            "size": args.size, "duration_limit": limit, "drain": args.drain,
+            "loadgen_procs": args.loadgen_procs, "nofile": nofile,
+            "machine": _machine(), "versions": _versions(), "errors": []}
+    redis_server = None
+    runs: list[dict] = []
+    started = time.monotonic()
+    try:
+        if args.redis_url:
+            redis_url, redis_pid = args.redis_url, None
+        else:
+            redis_server = RedisServer(out)
+            redis_url, redis_pid = redis_server.url, redis_server.proc.pid
+        log(f"bench: stacks {names}, N {clients}, {messages} messages of {args.size} B, "
+            f"rates {[r or 'max' for r in rates]}, redis {redis_url}, out {out}")
+        settings = Settings(messages=messages, size=args.size, duration_limit=limit,
+                            drain=args.drain, quiet=args.quiet,
+                            loadgen_procs=args.loadgen_procs,
+                            connect_concurrency=args.connect_concurrency,
+                            redis_url=redis_url, redis_pid=redis_pid, logdir=logdir,
+                            uvloop=not args.no_uvloop, log=log)
+        run_no = 0
+        for n in clients:
+            for name in names:
+                stack = STACKS[name]
+                if args.no_uvloop:
+                    stack = type(stack)(**{**stack.__dict__, "uvloop": False})
+                try:
+                    runs.extend(run_session(stack, n, rates, run_no, settings))
+                except Exception as exc:  # noqa: BLE001 - a failed session is reported
+                    meta["errors"].append(f"{name} N={n}: {type(exc).__name__}: {exc}")
+                    log(f"  {name} N={n} FAILED: {exc}")
+                    traceback.print_exc()
+                run_no += len(rates)
+    finally:
+        if redis_server is not None:
+            redis_server.close()
+        meta["elapsed_s"] = time.monotonic() - started
+        write_json(os.path.join(out, "results.json"), meta, runs)
+
+    print()
+    print(table(runs))
+    print()
+    print(ratios(runs))
+    if runs:
+        for path in write_plots(out, runs):
+            log(f"wrote {path}")
+    log(f"wrote {os.path.join(out, 'results.json')} in {meta['elapsed_s']:.0f} s")
+    return 1 if meta["errors"] else 0

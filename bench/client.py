@@ -1,0 +1,252 @@
+"""The load generator: one worker process holds a share of the N WebSocket connections.
+
+Every stack is spoken to with the same plain ``websockets.asyncio.client.connect``
+(compression off, keepalive off, no proxy), so the client cost is the same; only the
+few bytes of handshake and framing differ (:data:`PROTOCOLS`).
+
+A worker is driven by its parent over a ``multiprocessing`` pipe:
+
+* on start it connects and subscribes its connections, then sends
+  ``("ready", {"connected", "failed", "error", "seconds"})``;
+* ``("collect", run, published, deadline, quiet)`` waits until every open connection
+  received the ``published`` messages of run ``run``, or nothing arrived for ``quiet``
+  seconds, or ``time.time()`` passed ``deadline``; it answers ``("result", {...})`` with the
+  latencies in milliseconds (float32 bytes) and counts;
+* ``("close",)`` closes every connection and ends the worker.
+
+Every delivery carries the publisher's ``time.time()`` in its payload; the latency is the
+receive ``time.time()`` minus that (one machine, one clock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from array import array
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import orjson
+from websockets.asyncio.client import ClientConnection, connect
+
+from .procs import raise_nofile
+
+__all__ = ["PROTOCOLS", "worker_main"]
+
+Decoded = tuple[int, float] | None  # (run, publish time.time()) of a delivery, None otherwise
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How a client of one stack joins the bench channel and recognises a delivery."""
+
+    path: str
+    join: Callable[[ClientConnection, int], Any]  # coroutine: handshake + subscribe
+    decode: Callable[[bytes], Decoded]
+    answer: Callable[[bytes], bytes | None]  # a reply the client owes the server, or None
+
+
+def _payload(data: dict) -> Decoded:
+    return data["r"], data["t"]
+
+
+# ceiling: the server broadcasts the published bytes as they are.
+async def _join_ceiling(ws: ClientConnection, index: int) -> None:
+    return None
+
+
+def _decode_ceiling(raw: bytes) -> Decoded:
+    return _payload(orjson.loads(raw))
+
+
+# hub: {"op":"subscribe"} then {"type":"ack"}; deliveries are {"type":"message",...}.
+async def _join_hub(ws: ClientConnection, index: int) -> None:
+    await ws.send(b'{"op":"subscribe","channel":"bench","id":1}', text=True)
+    while True:
+        frame = orjson.loads(await ws.recv(decode=False))
+        if frame.get("type") == "ack" and frame.get("id") == 1:
+            return
+        if frame.get("type") == "error":
+            raise RuntimeError(f"hub refused the subscription: {frame}")
+
+
+def _decode_hub(raw: bytes) -> Decoded:
+    frame = orjson.loads(raw)
+    if frame.get("type") != "message":
+        return None
+    return _payload(frame["data"])
+
+
+# socketio: Engine.IO v4 open packet, Socket.IO v5 namespace connect, pings from the server.
+async def _join_socketio(ws: ClientConnection, index: int) -> None:
+    opened = await ws.recv(decode=False)
+    if not opened.startswith(b"0{"):
+        raise RuntimeError(f"expected an Engine.IO open packet, got {opened[:80]!r}")
+    await ws.send(b"40", text=True)
+    while True:
+        frame = await ws.recv(decode=False)
+        if frame == b"2":
+            await ws.send(b"3", text=True)
+        elif frame.startswith(b"40"):
+            return
+        elif frame.startswith(b"44"):
+            raise RuntimeError(f"Socket.IO connect refused: {frame[:200]!r}")
+
+
+def _decode_socketio(raw: bytes) -> Decoded:
+    if not raw.startswith(b"42"):
+        return None
+    event = orjson.loads(raw[2:])
+    if event[0] != "msg":
+        return None
+    return _payload(event[1])
+
+
+def _answer_socketio(raw: bytes) -> bytes | None:
+    return b"3" if raw == b"2" else None
+
+
+def _no_answer(raw: bytes) -> None:
+    return None
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    "ceiling": Protocol("/", _join_ceiling, _decode_ceiling, _no_answer),
+    "hub": Protocol("/ws?user=bench{index}", _join_hub, _decode_hub, _no_answer),
+    "socketio": Protocol("/socket.io/?EIO=4&transport=websocket", _join_socketio,
+                         _decode_socketio, _answer_socketio),
+}
+
+
+class _Recorder:
+    """Latencies and counts per run, filled by every connection of this worker."""
+
+    def __init__(self) -> None:
+        self.latencies: dict[int, array] = {}
+        self.first: dict[int, float] = {}
+        self.last: dict[int, float] = {}
+        self.other = 0  # frames that were not deliveries (acks, pings, ...)
+
+    def add(self, run: int, sent: float, now: float) -> None:
+        lat = self.latencies.get(run)
+        if lat is None:
+            lat = self.latencies[run] = array("f")
+            self.first[run] = now
+        lat.append((now - sent) * 1000.0)
+        self.last[run] = now
+
+    def count(self, run: int) -> int:
+        lat = self.latencies.get(run)
+        return 0 if lat is None else len(lat)
+
+    def pop(self, run: int) -> dict:
+        lat = self.latencies.pop(run, array("f"))
+        return {"received": len(lat), "latencies_ms": lat.tobytes(),
+                "first": self.first.pop(run, None), "last": self.last.pop(run, None)}
+
+
+async def _reader(ws: ClientConnection, proto: Protocol, rec: _Recorder) -> None:
+    decode, answer, now = proto.decode, proto.answer, time.time
+    with contextlib.suppress(Exception):
+        while True:
+            raw = await ws.recv(decode=False)
+            got = decode(raw)
+            if got is not None:
+                rec.add(got[0], got[1], now())
+                continue
+            rec.other += 1
+            reply = answer(raw)
+            if reply is not None:
+                await ws.send(reply, text=True)
+
+
+async def _open(url: str, proto: Protocol, index: int, timeout: float) -> ClientConnection:
+    ws = await connect(url, compression=None, ping_interval=None, proxy=None,
+                       open_timeout=timeout, close_timeout=2, max_size=2**20)
+    try:
+        await asyncio.wait_for(proto.join(ws, index), timeout)
+    except BaseException:
+        await ws.close()
+        raise
+    return ws
+
+
+async def _run(ctrl: Connection, stack: str, urls: list[str], indexes: list[int],
+               concurrency: int, timeout: float) -> None:
+    loop = asyncio.get_running_loop()
+    proto = PROTOCOLS[stack]
+    rec = _Recorder()
+    conns: list[ClientConnection] = []
+    readers: list[asyncio.Task] = []
+    errors: list[str] = []
+    gate = asyncio.Semaphore(concurrency)
+    started = time.monotonic()
+
+    async def one(i: int) -> None:
+        url = urls[i % len(urls)] + proto.path.format(index=i)
+        async with gate:
+            try:
+                ws = await _open(url, proto, i, timeout)
+            except Exception as exc:  # noqa: BLE001 - counted as a failed connection
+                errors.append(f"{type(exc).__name__}: {exc}")
+                return
+        conns.append(ws)
+        readers.append(asyncio.create_task(_reader(ws, proto, rec)))
+
+    await asyncio.gather(*(one(i) for i in indexes))
+    ctrl.send(("ready", {"connected": len(conns), "failed": len(errors),
+                         "error": errors[0] if errors else None,
+                         "seconds": time.monotonic() - started}))
+    try:
+        while True:
+            cmd = await loop.run_in_executor(None, ctrl.recv)
+            if cmd[0] == "collect":
+                _, run, published, deadline, quiet = cmd
+                await _collect(rec, conns, run, published, deadline, quiet)
+                result = rec.pop(run)
+                result["open"] = sum(1 for ws in conns if ws.state.name == "OPEN")
+                ctrl.send(("result", result))
+            elif cmd[0] == "close":
+                break
+    finally:
+        for task in readers:
+            task.cancel()
+        await asyncio.gather(*(ws.close() for ws in conns), return_exceptions=True)
+        await asyncio.gather(*readers, return_exceptions=True)
+        ctrl.send(("closed", None))
+
+
+async def _collect(rec: _Recorder, conns: list[ClientConnection], run: int, published: int,
+                   deadline: float, quiet: float) -> None:
+    last_count, last_change = -1, time.monotonic()
+    while time.time() < deadline:
+        count = rec.count(run)
+        expected = published * sum(1 for ws in conns if ws.state.name == "OPEN")
+        if count >= expected:
+            return
+        if count != last_count:
+            last_count, last_change = count, time.monotonic()
+        elif time.monotonic() - last_change > quiet:
+            return
+        await asyncio.sleep(0.05)
+
+
+def worker_main(ctrl: Connection, stack: str, urls: list[str], indexes: list[int],
+                concurrency: int = 32, timeout: float = 30.0, use_uvloop: bool = True) -> None:
+    """Entry point of a load-generator process (see the module docstring)."""
+    raise_nofile()
+    coro = _run(ctrl, stack, urls, indexes, concurrency, timeout)
+    try:
+        if use_uvloop:
+            import uvloop
+
+            uvloop.run(coro)
+        else:
+            asyncio.run(coro)
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            ctrl.send(("error", f"{type(exc).__name__}: {exc}"))
+        raise

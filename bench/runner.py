@@ -1,0 +1,249 @@
+"""One session = one stack x one client count: start the server, connect N clients, sweep rates.
+
+The clients stay connected for the whole rate sweep of a session; every rate is one *run*
+with its own publisher process and its own run number in the payload, so late deliveries
+of one run never count for the next. Every wait has a bound, and the server, the
+load-generator and publisher processes are stopped in ``finally`` blocks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+import psutil
+import redis
+
+from .client import worker_main
+from .procs import cpu_seconds, free_port, rss_bytes, stop, tree
+from .publisher import publisher_main
+from .stacks import Stack
+
+__all__ = ["Settings", "run_session"]
+
+KIB = 1024.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The workload of every run (the same for every stack)."""
+
+    messages: int  # messages per run
+    size: int  # payload bytes
+    duration_limit: float  # seconds a publisher may publish
+    drain: float  # seconds after the publisher's time bound to wait for deliveries
+    quiet: float  # stop waiting after this many seconds without a new delivery
+    loadgen_procs: int  # load-generator processes
+    connect_concurrency: int  # handshakes in flight per load-generator process
+    redis_url: str
+    redis_pid: int | None  # our own redis-server, for its CPU figure
+    logdir: str
+    uvloop: bool = True
+    log: Callable[[str], None] = field(default=print)
+
+
+def _recv(conn: Connection, timeout: float, what: str) -> tuple[str, Any]:
+    if not conn.poll(timeout):
+        raise TimeoutError(f"no answer from {what} within {timeout:.0f} s")
+    msg = conn.recv()
+    if msg[0] == "error":
+        raise RuntimeError(f"{what} failed: {msg[1]}")
+    return msg
+
+
+def _listeners(procs: list[psutil.Process], port: int) -> list[psutil.Process]:
+    found = []
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port
+                   for c in p.net_connections(kind="tcp")):
+                found.append(p)
+    return found
+
+
+def _spread(procs: list[psutil.Process], port: int) -> dict[str, int]:
+    """Established client connections per server process (pid -> count)."""
+    spread = {}
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            n = sum(1 for c in p.net_connections(kind="tcp")
+                    if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port)
+            if n:
+                spread[str(p.pid)] = n
+    return spread
+
+
+def _numsub(redis_url: str, channel: str) -> int:
+    with redis.Redis.from_url(redis_url) as r:
+        return int(dict(r.pubsub_numsub(channel)).get(channel.encode(), 0))
+
+
+class _PeakRss(threading.Thread):
+    def __init__(self, procs: list[psutil.Process]) -> None:
+        super().__init__(daemon=True)
+        self.procs, self.peak, self._done = procs, rss_bytes(procs), threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(0.2):
+            self.peak = max(self.peak, rss_bytes(self.procs))
+
+    def finish(self) -> int:
+        self._done.set()
+        self.join(2)
+        return max(self.peak, rss_bytes(self.procs))
+
+
+def run_session(stack: Stack, clients: int, rates: list[float], first_run: int,
+                s: Settings) -> list[dict]:
+    """Run ``rates`` against ``stack`` with ``clients`` connections; one dict per run."""
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    log_path = os.path.join(s.logdir, f"{stack.name}-{clients}.log")
+    proc = stack.start(port, s.redis_url, log_path)
+    workers: list[tuple[mp.process.BaseProcess, Connection]] = []
+    session: dict[str, Any] = {"stack": stack.name, "clients": clients}
+    try:
+        stack.wait_ready(port, proc, 30)
+        deadline = time.monotonic() + 30
+        while len(_listeners(tree(proc), port)) < stack.processes:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{stack.name}: fewer than {stack.processes} listeners")
+            time.sleep(0.1)
+        time.sleep(0.5)
+        server = tree(proc)
+        rss_before = rss_bytes(server)
+
+        t0 = time.monotonic()
+        per = [list(range(k, clients, s.loadgen_procs)) for k in range(s.loadgen_procs)]
+        connect_timeout = max(60.0, clients / 50)
+        for indexes in per:
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=worker_main, daemon=True,
+                            args=(child, stack.protocol, stack.urls(port), indexes,
+                                  s.connect_concurrency, 30.0, s.uvloop))
+            p.start()
+            child.close()
+            workers.append((p, parent))
+        ready = [_recv(c, connect_timeout, "load generator")[1] for _, c in workers]
+        connected = sum(r["connected"] for r in ready)
+        failed = sum(r["failed"] for r in ready)
+        session.update(connected=connected, failed=failed, connect_s=time.monotonic() - t0,
+                       connect_error=next((r["error"] for r in ready if r["error"]), None))
+        s.log(f"  {stack.name} N={clients}: {connected} connected, {failed} failed "
+              f"in {session['connect_s']:.1f} s"
+              + (f" (first error: {session['connect_error']})" if failed else ""))
+        if connected == 0:
+            raise RuntimeError(f"{stack.name}: no client connected")
+
+        deadline = time.monotonic() + 15
+        while (subs := _numsub(s.redis_url, stack.channel)) < stack.processes:
+            if time.monotonic() > deadline:
+                s.log(f"  warning: only {subs} Redis subscriber(s) on {stack.channel}")
+                break
+            time.sleep(0.1)
+        time.sleep(1.0)
+        server = tree(proc)
+        rss_idle = rss_bytes(server)
+        session.update(rss_before=rss_before, rss_idle=rss_idle, spread=_spread(server, port),
+                       server_pids=[p.pid for p in server])
+        loadgen = [psutil.Process(p.pid) for p, _ in workers]
+
+        results = []
+        for i, rate in enumerate(rates):
+            run = _one_run(ctx, stack, first_run + i, rate, connected, server, loadgen,
+                           [c for _, c in workers], s)
+            run.update(session)
+            run["rss_idle_kib_per_conn"] = (rss_idle - rss_before) / connected / KIB
+            run["rss_loaded_kib_per_conn"] = (run["rss_peak"] - rss_before) / connected / KIB
+            s.log(f"  {stack.name} N={clients} rate={_rate(rate)}: "
+                  f"{run['deliveries_per_s']:.0f}/s p99 {run['p99_ms']:.1f} ms "
+                  f"lost {run['lost']} cpu {run['cpu_us_per_delivery']:.1f} us")
+            results.append(run)
+        return results
+    finally:
+        for _, conn in workers:
+            with contextlib.suppress(OSError, ValueError):
+                conn.send(("close",))
+        for p, conn in workers:
+            with contextlib.suppress(Exception):
+                _recv(conn, 10, "load generator close")
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+                p.join(2)
+        stop(proc)
+
+
+def _rate(rate: float) -> str:
+    return "max" if rate == 0 else f"{rate:g}"
+
+
+def _one_run(ctx: Any, stack: Stack, run: int, rate: float, connected: int,
+             server: list[psutil.Process], loadgen: list[psutil.Process],
+             workers: list[Connection], s: Settings) -> dict:
+    parent, child = ctx.Pipe()
+    pub = ctx.Process(target=publisher_main, daemon=True,
+                      args=(child, stack.publish, s.redis_url, stack.channel, run,
+                            s.messages, rate, s.size, s.duration_limit))
+    pub.start()
+    child.close()
+    redis_proc = [psutil.Process(s.redis_pid)] if s.redis_pid else []
+    try:
+        _recv(parent, 30, "publisher start")
+        time.sleep(0.3)  # let the warm-up message of run -1 drain
+        cpu0, lg0, rd0 = cpu_seconds(server), cpu_seconds(loadgen), cpu_seconds(redis_proc)
+        wall0 = time.time()
+        peak = _PeakRss(server)
+        peak.start()
+        parent.send(("go",))
+        pub_result = _recv(parent, s.duration_limit + 30, "publisher")[1]
+        deadline = wall0 + s.duration_limit + s.drain
+        for conn in workers:
+            conn.send(("collect", run, pub_result["published"], deadline, s.quiet))
+        parts = [_recv(c, s.duration_limit + s.drain + 30, "load generator")[1]
+                 for c in workers]
+        wall1 = time.time()
+        cpu1, lg1, rd1 = cpu_seconds(server), cpu_seconds(loadgen), cpu_seconds(redis_proc)
+        rss_peak = peak.finish()
+    finally:
+        pub.join(10)
+        if pub.is_alive():
+            pub.kill()
+            pub.join(2)
+
+    lat = np.concatenate([np.frombuffer(p["latencies_ms"], dtype=np.float32) for p in parts])
+    received = int(lat.size)
+    published = pub_result["published"]
+    lasts = [p["last"] for p in parts if p["last"] is not None]
+    span = (max(lasts) - pub_result["first"]) if lasts else 0.0
+    pct = np.percentile(lat, [50, 90, 99]) if received else [float("nan")] * 3
+    return {
+        "run": run,
+        "rate": rate,
+        "published": published,
+        "publish_s": pub_result["last"] - pub_result["first"],
+        "publisher_cpu_s": pub_result.get("cpu"),
+        "expected": published * connected,
+        "received": received,
+        "lost": published * connected - received,
+        "open_after": sum(p["open"] for p in parts),
+        "deliveries_per_s": received / span if span > 0 else 0.0,
+        "p50_ms": float(pct[0]),
+        "p90_ms": float(pct[1]),
+        "p99_ms": float(pct[2]),
+        "max_ms": float(lat.max()) if received else float("nan"),
+        "wall_s": wall1 - wall0,
+        "server_cpu_s": cpu1 - cpu0,
+        "cpu_us_per_delivery": (cpu1 - cpu0) / received * 1e6 if received else float("nan"),
+        "loadgen_cpu_s": lg1 - lg0,
+        "redis_cpu_s": rd1 - rd0 if redis_proc else None,
+        "rss_peak": rss_peak,
+    }
