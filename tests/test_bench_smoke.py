@@ -1,0 +1,52 @@
+"""Smoke test of ``python -m bench``: it runs end to end and loses nothing at tiny sizes.
+
+Only correctness is asserted (exit code, results.json, lost == 0); timings are figures the
+benchmark prints, never assertions. The benchmark starts its own redis-server.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _hub_importable() -> bool:
+    try:
+        return importlib.util.find_spec("hub.server") is not None
+    except ImportError:
+        return False
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.skipif(shutil.which("redis-server") is None and not os.path.exists(
+    "/usr/bin/redis-server"), reason="needs the redis-server binary")
+def test_bench_runs_and_loses_nothing(tmp_path) -> None:
+    stacks = ["ceiling"] + (["hub"] if _hub_importable() else [])
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "bench", "--stacks", ",".join(stacks), "--clients", "20",
+           "--messages", "20", "--rates", "50,max", "--duration-limit", "15", "--drain", "10",
+           "--out", str(out)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=140,
+                          check=False, env=dict(os.environ, PYTHONPATH=REPO))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    body = json.loads((out / "results.json").read_text())
+    assert body["meta"]["errors"] == []
+    runs = body["runs"]
+    assert sorted({r["stack"] for r in runs}) == sorted(stacks)
+    assert len(runs) == 2 * len(stacks)
+    for run in runs:
+        assert run["connected"] == 20, run
+        assert run["published"] == 20, run
+        assert run["expected"] == 20 * 20, run
+        assert run["lost"] == 0, run
+    assert (out / "latency.png").exists()
+    assert (out / "throughput.png").exists()
