@@ -74,6 +74,9 @@ class Hub:
         self.config = config
         self.metrics = metrics or Metrics()
         self.node = Node(config, self.metrics)
+        # Count TCP connections from handshake to connection_lost, not registry entries, so
+        # that a connection being closed still counts until it is really gone.
+        self.metrics.connections.set_function(lambda: self.open_connections)
         self.stopping = False
         self.open_connections = 0
         self.server: Any = None
