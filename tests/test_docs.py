@@ -1,0 +1,42 @@
+"""The documents are part of the contract: they must name what the code does."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from hub.cli import build_parser
+from hub.config import OPTIONS
+from hub.protocol import CLOSE_CODES, ERROR_CODES
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTOCOL = (ROOT / "docs" / "protocol.md").read_text()
+README = (ROOT / "README.md").read_text()
+
+
+def test_every_cli_option_and_variable_is_documented():
+    for opt in OPTIONS:
+        assert f"`{opt.flag}" in PROTOCOL, opt.flag
+        assert f"`{opt.env}`" in PROTOCOL, opt.env
+
+
+def test_documented_flags_exist():
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    known = {s for action in serve._actions for s in action.option_strings}
+    table = PROTOCOL.split("## 7. CLI")[1].split("## 8.")[0]
+    for flag in re.findall(r"^\| `(--[a-z-]+)", table, re.M):
+        assert flag in known, flag
+
+
+def test_every_error_and_close_code_is_documented():
+    for code in ERROR_CODES:
+        assert f"| `{code}` |" in PROTOCOL, code
+    for code in CLOSE_CODES:
+        assert f"| {code} |" in PROTOCOL, code
+
+
+def test_readme_test_command_is_what_ci_runs():
+    ci = (ROOT / ".ci" / "run").read_text()
+    commands = re.findall(r"^(python3 -m pip install .*pytest.*)$", README, re.M)
+    assert commands, "README gives no test command"
+    assert commands[0] in ci
