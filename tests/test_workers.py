@@ -1,0 +1,304 @@
+"""``hub serve --workers N``: worker processes on one port (SO_REUSEPORT) under a supervisor.
+
+Real ``hub serve --workers 2`` processes against a real redis-server. Which worker holds a
+connection is read from the kernel (psutil): the worker whose socket has the client's local port
+as its remote port. The supervisor's restart and stop logic is also run with a stand-in for
+``hub.server.run`` (a worker that crashes at once, one that ignores SIGTERM).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+
+from hub.supervisor import RESTART_BASE, RESTART_CAP, restart_delay
+from tests.conftest import ROOT, free_port
+from tests.wsutil import open_ws, recv_json, subscribe
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="SO_REUSEPORT spreads "
+                                "connections over listeners on Linux only")
+
+CLIENTS = 40
+
+
+def workers(hub) -> list[int]:
+    """Pids of the supervisor's live worker processes."""
+    return [p.pid for p in psutil.Process(hub.pid).children() if p.status() != "zombie"]
+
+
+def peers_by_worker(pids: list[int], port: int) -> dict[int, set[int]]:
+    """For each worker pid: the remote ports of its established connections on ``port``."""
+    out: dict[int, set[int]] = {}
+    for pid in pids:
+        conns = psutil.Process(pid).net_connections(kind="tcp")
+        out[pid] = {c.raddr.port for c in conns
+                    if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port and c.raddr}
+    return out
+
+
+def worker_of(ws: ClientConnection, peers: dict[int, set[int]]) -> int:
+    [pid] = [pid for pid, ports in peers.items() if ws.local_address[1] in ports]
+    return pid
+
+
+async def until(predicate, timeout: float, what: str):
+    """Poll ``predicate()`` without blocking the event loop; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.1)
+    return value
+
+
+async def connect_many(url: str, count: int) -> list[ClientConnection]:
+    clients = [await open_ws(url) for _ in range(count)]
+    for ws in clients:
+        await subscribe(ws, "news")
+    return clients
+
+
+async def close_all(clients: list[ClientConnection]) -> None:
+    await asyncio.gather(*(ws.close() for ws in clients), return_exceptions=True)
+
+
+async def start_workers(hub_factory, redis_server, *args: str):
+    hub = hub_factory("--workers", "2", *args, redis=redis_server)
+    pids = await until(lambda: len(w := workers(hub)) == 2 and w, 15, "two workers")
+    # Both listening: the hub's own readiness only proves that one of them is.
+    await until(lambda: all(any(c.status == psutil.CONN_LISTEN and c.laddr.port == hub.port
+                                for c in psutil.Process(pid).net_connections(kind="tcp"))
+                            for pid in pids), 15, "both workers listening")
+    return hub, pids
+
+
+async def test_workers_share_the_port_and_deliver_across_workers(hub_factory, redis_server):
+    hub, pids = await start_workers(hub_factory, redis_server, "--client-publish", "room*")
+    clients = await connect_many(hub.ws_url + "?user=alice", CLIENTS)
+    try:
+        peers = peers_by_worker(pids, hub.port)
+        on = {pid: [ws for ws in clients if worker_of(ws, peers) == pid] for pid in pids}
+        # The kernel spread the connections: both workers hold some (all on one: p = 2**-39).
+        assert all(on[pid] for pid in pids), {pid: len(c) for pid, c in on.items()}
+        assert sum(len(c) for c in on.values()) == CLIENTS
+
+        # A backend publication reaches every client on both workers, once per worker process.
+        redis = redis_server.client()
+        assert redis.publish("hub:news", json.dumps({"n": 1})) == 2
+        assert redis.publish("hub:user:alice", json.dumps({"n": 2})) == 2
+        for ws in clients:
+            assert await recv_json(ws) == {"type": "message", "channel": "news", "data": {"n": 1}}
+            assert await recv_json(ws) == {"type": "message", "channel": "user:alice",
+                                           "data": {"n": 2}}
+
+        # A client on one worker publishes; a client on the other worker receives it.
+        sender, receiver = on[pids[0]][0], on[pids[1]][0]
+        await subscribe(receiver, "room1", id=2)
+        await sender.send(json.dumps({"op": "publish", "channel": "room1", "data": "hi", "id": 3}))
+        assert await recv_json(sender) == {"type": "ack", "id": 3}
+        assert await recv_json(receiver) == {"type": "message", "channel": "room1", "data": "hi"}
+    finally:
+        await close_all(clients)
+
+
+async def test_a_killed_worker_is_restarted(hub_factory, redis_server):
+    hub, pids = await start_workers(hub_factory, redis_server)
+    clients = await connect_many(hub.ws_url, CLIENTS)
+    reconnected: list[ClientConnection] = []
+    try:
+        peers = peers_by_worker(pids, hub.port)
+        victim, survivor = pids
+        lost = [ws for ws in clients if worker_of(ws, peers) == victim]
+        kept = [ws for ws in clients if ws not in lost]
+        assert lost and kept
+
+        os.kill(victim, signal.SIGKILL)
+        for ws in lost:
+            with pytest.raises(ConnectionClosed):
+                await recv_json(ws, timeout=10)
+        new = await until(lambda: len(w := workers(hub)) == 2 and victim not in w and w, 20,
+                          "a new worker in place of the killed one")
+        [replacement] = set(new) - {survivor}
+        assert hub.http_get("/healthz")[0] == 200
+        assert re.search(rf"worker \d \(pid {victim}\) killed by SIGKILL after [\d.]+ s; "
+                         rf"restarting in [\d.]+ s", hub.log_text())
+
+        # The lost clients reconnect to the same port; the new worker takes its share.
+        await until(lambda: any(c.status == psutil.CONN_LISTEN and c.laddr.port == hub.port
+                                for c in psutil.Process(replacement).net_connections("tcp")),
+                    15, "the new worker listening")
+        reconnected = await connect_many(hub.ws_url, len(lost))
+        more = await connect_many(hub.ws_url, CLIENTS)
+        reconnected += more
+        peers = peers_by_worker([survivor, replacement], hub.port)
+        assert any(worker_of(ws, peers) == replacement for ws in reconnected)
+
+        redis = redis_server.client()
+        assert redis.publish("hub:news", json.dumps({"after": "restart"})) == 2
+        for ws in kept + reconnected:
+            assert await recv_json(ws) == {"type": "message", "channel": "news",
+                                           "data": {"after": "restart"}}
+    finally:
+        await close_all(clients + reconnected)
+
+
+async def test_sigterm_stops_every_worker_and_exits_0(hub_factory, redis_server):
+    hub, pids = await start_workers(hub_factory, redis_server, "--shutdown-timeout", "5")
+    clients = await connect_many(hub.ws_url, CLIENTS)
+    peers = peers_by_worker(pids, hub.port)
+    assert {worker_of(ws, peers) for ws in clients} == set(pids)
+
+    hub.terminate()
+    for ws in clients:
+        with pytest.raises(ConnectionClosed) as closed:
+            await recv_json(ws, timeout=10)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+    code = await asyncio.to_thread(hub.wait, 20)
+    assert code == 0, hub.log_text()
+    assert not any(psutil.pid_exists(pid) for pid in pids)
+    log = hub.log_text()
+    for pid in pids:
+        assert re.search(rf"worker \d \(pid {pid}\) exited with code 0", log), log
+    assert "SIGKILL" not in log
+
+
+def run_hub(*args: str, env: dict[str, str] | None = None,
+            timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
+    clean["PYTHONPATH"] = str(ROOT) + os.pathsep + clean.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                          timeout=timeout, env={**clean, **(env or {})}, cwd=ROOT, check=False)
+
+
+def test_workers_without_redis_exit_2():
+    result = run_hub("-m", "hub", "serve", "--workers", "2", "--port", "8765")
+    assert result.returncode == 2
+    assert "--workers above 1 needs --redis-url" in result.stderr
+
+
+def test_workers_on_port_0_exit_2(redis_server):
+    result = run_hub("-m", "hub", "serve", "--workers", "2", "--port", "0",
+                     "--redis-url", redis_server.url)
+    assert result.returncode == 2
+    assert "--port 0 cannot be used with --workers 2" in result.stderr
+
+
+def test_workers_on_a_taken_port_exit_2(redis_server):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_hub("-m", "hub", "serve", "--workers", "2", "--port", str(port),
+                         "--redis-url", redis_server.url)
+    assert result.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+# -- the supervisor with a stand-in worker --------------------------------------------------------
+
+STAND_IN = textwrap.dedent("""
+    import os, signal, sys, time, types
+    import hub.server
+    def run(config, *, reuse_port=False):
+        assert reuse_port and config.workers == 1
+        if os.environ["STAND_IN"] == "crash":
+            return 3
+        if os.environ["STAND_IN"] == "ignore-term":
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a worker that never stops
+        time.sleep(60)
+        return 0
+    hub.server.run = run
+    from hub.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def start_stand_in(kind: str, *args: str) -> subprocess.Popen[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
+    clean.update(PYTHONPATH=str(ROOT) + os.pathsep + clean.get("PYTHONPATH", ""), STAND_IN=kind)
+    return subprocess.Popen([sys.executable, "-c", STAND_IN, "serve", "--workers", "2",
+                             "--port", str(free_port()), "--redis-url", "redis://127.0.0.1:1/0",
+                             *args], stderr=subprocess.PIPE, text=True, env=clean, cwd=ROOT)
+
+
+def stop_stand_in(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        for child in psutil.Process(proc.pid).children():
+            child.kill()
+        proc.kill()
+        _, err = proc.communicate(timeout=10)
+    return proc.returncode, err
+
+
+def test_crash_looping_workers_are_restarted_ever_more_slowly():
+    proc = start_stand_in("crash")
+    time.sleep(6)
+    code, log = stop_stand_in(proc)
+    assert code == 0
+    delays = [float(d) for d in re.findall(r"worker 1 \(pid \d+\) exited with code 3 after "
+                                           r"[\d.]+ s; restarting in ([\d.]+) s", log)]
+    # Within 6 s: 2 or 3 exits, restarted after 1-2 s, then 2-4 s, then 4-8 s: no hot loop.
+    assert 2 <= len(delays) <= 3, log
+    for n, delay in enumerate(delays, 1):
+        assert RESTART_BASE * 2 ** n / 2 - 0.05 <= delay <= RESTART_BASE * 2 ** n + 0.05, delays
+    assert len(re.findall(r"worker 1 started", log)) == len(delays), log
+
+
+def test_stragglers_are_killed_after_the_shutdown_timeout():
+    proc = start_stand_in("ignore-term", "--shutdown-timeout", "0")
+    time.sleep(2)
+    pids = [p.pid for p in psutil.Process(proc.pid).children()]
+    assert len(pids) == 2
+    code, log = stop_stand_in(proc)
+    assert code == 0, log
+    assert len(re.findall(r"still running after 5.0 s: SIGKILL", log)) == 2, log
+    assert not any(psutil.pid_exists(pid) for pid in pids)
+
+
+def test_a_killed_supervisor_takes_its_workers_along():
+    proc = start_stand_in("sleep")
+    time.sleep(2)
+    workers = [psutil.Process(p.pid) for p in psutil.Process(proc.pid).children()]
+    assert len(workers) == 2
+    proc.kill()
+    proc.communicate(timeout=10)
+    # PR_SET_PDEATHSIG: the kernel sends each worker SIGTERM when the supervisor dies.
+    def exited(worker: psutil.Process) -> bool:
+        try:
+            return worker.status() == psutil.STATUS_ZOMBIE  # not reaped by init: gone too
+        except psutil.NoSuchProcess:
+            return True
+
+    try:
+        deadline = time.monotonic() + 10
+        while not all(exited(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert all(exited(w) for w in workers)
+    finally:
+        for worker in workers:
+            if not exited(worker):
+                worker.kill()
+
+
+def test_restart_delay_is_capped_exponential_with_jitter():
+    for failures in range(40):
+        full = min(RESTART_CAP, RESTART_BASE * 2 ** failures)
+        for _ in range(20):
+            assert full / 2 <= restart_delay(failures) <= full
+    assert RESTART_CAP / 2 <= restart_delay(10**6) <= RESTART_CAP
