@@ -41,7 +41,8 @@ class Identity:
 
 def check_user_id(user: object) -> str:
     """Return ``user`` if ``user:<user>`` is a valid channel name, else raise AuthError."""
-    if not isinstance(user, str) or CHANNEL_RE.fullmatch(personal_channel(user)) is None:
+    if (not isinstance(user, str) or not user
+            or CHANNEL_RE.fullmatch(personal_channel(user)) is None):
         raise AuthError("user id must be 1-123 characters of A-Z a-z 0-9 _ . : @ / -")
     return user
 

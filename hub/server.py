@@ -231,8 +231,8 @@ class Hub:
         conn.refilled = time.monotonic()
         try:
             async for frame in conn:
-                if conn.dropping:
-                    break
+                if conn.dropping:  # being closed by the hub: let that close finish
+                    continue
                 reply = await self._command(conn, frame)
                 if reply is not None:
                     await conn.send(reply, text=True)
