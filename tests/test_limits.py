@@ -264,9 +264,6 @@ async def test_sustained_flood_is_closed_and_spares_other_clients(hub_factory):
     assert_process_healthy(hub)
 
 
-@pytest.mark.xfail(strict=True, reason="hub bug: Hub._handler breaks out of its loop on "
-                   "conn.dropping and returns, so websockets closes with 1000 before the "
-                   "spawned close task sends 4029")
 async def test_sustained_flood_close_code_is_4029(hub_factory):
     hub = hub_factory("--rate-limit", "5")
     async with open_ws(hub.ws_url) as flood:
