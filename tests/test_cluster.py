@@ -1,0 +1,311 @@
+"""Redis Cluster mode (``--redis-cluster``): sharded pub/sub on a real three-master cluster.
+
+The fixture starts three ``redis-server --cluster-enabled yes`` on free loopback ports (client
+and bus port both chosen free), joins them with ``redis-cli --cluster create`` and waits for
+``cluster_state:ok``; every node is killed at teardown. Timings are never asserted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from redis.crc import key_slot
+
+from hub import AsyncPublisher, Publisher
+
+from .conftest import free_port, wait_until
+from .wsutil import command, no_message, open_ws, recv_json, subscribe
+
+pytestmark = pytest.mark.cluster
+
+PROBE = ("--probe-interval", "0.5", "--probe-timeout", "1")
+REDIS_SERVER = shutil.which("redis-server")
+REDIS_CLI = shutil.which("redis-cli")
+
+
+class Cluster:
+    """Three masters, no replicas, on loopback. A killed master restarts on its port with its
+    own ``nodes.conf``, so it rejoins with the slots it had."""
+
+    def __init__(self, workdir: Path, masters: int = 3):
+        if REDIS_SERVER is None or REDIS_CLI is None:
+            pytest.fail("redis-server and redis-cli are needed (bash .ci/run installs them)")
+        version = subprocess.run([REDIS_SERVER, "--version"], capture_output=True, text=True,
+                                 timeout=10, check=True).stdout
+        major = int(version.split("v=")[1].split(".")[0])
+        if major < 7:
+            pytest.skip(f"sharded pub/sub needs Redis >= 7, found {version.strip()}")
+        self.workdir = workdir
+        ports: set[int] = set()
+        while len(ports) < 2 * masters:
+            ports.add(free_port())
+        self.ports, self.bus_ports = sorted(ports)[:masters], sorted(ports)[masters:]
+        self.procs: dict[int, subprocess.Popen] = {}
+
+    def create(self) -> None:
+        """Start every node, join them into one cluster and wait until it settles."""
+        for port in self.ports:
+            self.start(port)
+        addrs = [f"127.0.0.1:{port}" for port in self.ports]
+        done = subprocess.run([REDIS_CLI, "--cluster", "create", *addrs, "--cluster-replicas",
+                               "0", "--cluster-yes"], capture_output=True, text=True, timeout=60,
+                              check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+        wait_until(self._settled, 30, interval=0.1, what="cluster_state:ok on every node")
+
+    @property
+    def url(self) -> str:
+        """The seed URL the hubs are given: the first master."""
+        return f"redis://127.0.0.1:{self.ports[0]}/0"
+
+    def start(self, port: int) -> None:
+        bus = self.bus_ports[self.ports.index(port)]
+        node_dir = self.workdir / str(port)
+        node_dir.mkdir(parents=True, exist_ok=True)
+        with open(node_dir / "redis.log", "ab") as log:
+            self.procs[port] = subprocess.Popen(
+                [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1",
+                 "--cluster-enabled", "yes", "--cluster-port", str(bus),
+                 "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000",
+                 "--cluster-require-full-coverage", "no", "--save", "", "--appendonly", "no",
+                 "--dir", str(node_dir)],
+                stdout=log, stderr=subprocess.STDOUT)
+        wait_until(lambda: self._pings(port), 10, what=f"redis-server on {port}")
+
+    def _pings(self, port: int) -> bool:
+        if self.procs[port].poll() is not None:
+            raise AssertionError(f"redis-server {port} exited with {self.procs[port].returncode}")
+        try:
+            return bool(self.client(port, timeout=0.5).ping())
+        except redis.RedisError:
+            return False
+
+    def _settled(self) -> bool:
+        for port in self.ports:
+            info = self.client(port).execute_command("CLUSTER", "INFO").decode()
+            if "cluster_state:ok" not in info or f"cluster_known_nodes:{len(self.ports)}" not in info:
+                return False
+            if len(self.client(port).execute_command("CLUSTER", "SLOTS")) != len(self.ports):
+                return False
+        return True
+
+    def client(self, port: int, timeout: float = 5.0) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=timeout,
+                           socket_connect_timeout=timeout)
+
+    def owner(self, channel: str, ask: int | None = None) -> int:
+        """The port of the master that serves hub channel ``channel``, as ``ask`` sees it."""
+        slot = key_slot(f"hub:{channel}".encode())
+        for first, last, (_, port, *_), *_ in self.client(ask or self.ports[0]).execute_command(
+                "CLUSTER", "SLOTS"):
+            if first <= slot <= last:
+                return int(port)
+        raise AssertionError(f"slot {slot} is not served")
+
+    def shardnumsub(self, port: int, channel: str) -> int:
+        reply = self.client(port).execute_command("PUBSUB", "SHARDNUMSUB", f"hub:{channel}")
+        return int(reply[1])
+
+    def spublish(self, channel: str, data: str) -> int:
+        """``redis-cli -c SPUBLISH hub:<channel> <data>`` through the first master."""
+        done = subprocess.run([REDIS_CLI, "-c", "-p", str(self.ports[0]), "SPUBLISH",
+                               f"hub:{channel}", data], capture_output=True, text=True,
+                              timeout=10, check=False)
+        assert done.returncode == 0, done.stderr
+        return int(done.stdout.strip())
+
+    def kill(self, port: int) -> None:
+        proc = self.procs[port]
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.kill()
+            proc.wait(10)
+
+    def restart(self, port: int) -> None:
+        self.kill(port)
+        self.start(port)
+
+    def move_slot(self, slot: int, src: int, dst: int) -> None:
+        """Give ``slot`` (no keys in it) from master ``src`` to master ``dst``
+        (https://redis.io/docs/latest/commands/cluster-setslot/)."""
+        ids = {p: self.client(p).execute_command("CLUSTER", "MYID").decode() for p in (src, dst)}
+        self.client(dst).execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[src])
+        self.client(src).execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[dst])
+        for port in (dst, src):
+            self.client(port).execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[dst])
+
+    def close(self) -> None:
+        for port in self.procs:
+            self.kill(port)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    nodes = Cluster(tmp_path / "cluster")
+    try:
+        nodes.create()
+        yield nodes
+    finally:
+        nodes.close()
+
+
+def spread(cluster: Cluster, names: list[str]) -> dict[int, list[str]]:
+    """``names`` grouped by the port of their master; every master gets some."""
+    placed: dict[int, list[str]] = {port: [] for port in cluster.ports}
+    for name in names:
+        placed[cluster.owner(name)].append(name)
+    assert all(placed.values()), placed
+    return placed
+
+
+def cluster_hub(hub_factory, cluster: Cluster, *args: str):
+    return hub_factory("--redis-cluster", "--redis-url", cluster.url, *PROBE, *args)
+
+
+async def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not await asyncio.to_thread(predicate):
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def expect_message(ws, channel: str, data, timeout: float = 5.0) -> None:
+    frame = await recv_json(ws, timeout)
+    assert frame == {"type": "message", "channel": channel, "data": data}, frame
+
+
+async def test_delivery_across_masters(cluster, hub_factory):
+    h1 = cluster_hub(hub_factory, cluster)
+    h2 = cluster_hub(hub_factory, cluster)
+    channels = [f"room:{i}" for i in range(12)]
+    spread(cluster, channels)
+    async with open_ws(h1.ws_url) as a, open_ws(h2.ws_url) as b:
+        for i, channel in enumerate(channels):
+            await subscribe(a, channel, id=i)
+            await subscribe(b, channel, id=i)
+        for channel in channels:  # each hub holds one SSUBSCRIBE, on the channel's master
+            assert cluster.shardnumsub(cluster.owner(channel), channel) == 2
+        for i, channel in enumerate(channels[:6]):
+            assert cluster.spublish(channel, f'{{"cli": {i}}}') == 2
+        with Publisher(cluster.url, cluster=True) as publisher:
+            for i, channel in enumerate(channels[6:]):
+                assert publisher.publish(channel, {"lib": i}) == 2
+        for ws in (a, b):
+            for i, channel in enumerate(channels[:6]):
+                await expect_message(ws, channel, {"cli": i})
+            for i, channel in enumerate(channels[6:]):
+                await expect_message(ws, channel, {"lib": i})
+
+
+async def test_personal_channels_and_client_publish(cluster, hub_factory):
+    h1 = cluster_hub(hub_factory, cluster, "--client-publish", "chat:*")
+    h2 = cluster_hub(hub_factory, cluster, "--client-publish", "chat:*")
+    users = [f"u{i}" for i in range(9)]
+    spread(cluster, [f"user:{u}" for u in users])
+    chats = [f"chat:{i}" for i in range(9)]
+    spread(cluster, chats)
+    async with contextlib.AsyncExitStack() as stack:
+        conns = [await stack.enter_async_context(open_ws((h1, h2)[i % 2].ws_url
+                                                         + f"?user={user}"))
+                 for i, user in enumerate(users)]
+        sender = await stack.enter_async_context(open_ws(h2.ws_url))
+        async with AsyncPublisher(cluster.url, cluster=True) as publisher:
+            for user in users:
+                assert await publisher.publish_to_user(user, {"to": user}) == 1
+        for user, ws in zip(users, conns):
+            await expect_message(ws, f"user:{user}", {"to": user})
+
+        receiver = conns[0]  # on h1
+        for i, chat in enumerate(chats):
+            await subscribe(receiver, chat, id=i)
+        for i, chat in enumerate(chats):  # a client of h2 publishes, h1's client receives
+            reply = await command(sender, op="publish", channel=chat, data=[i], id=50 + i)
+            assert reply == {"type": "ack", "id": 50 + i}
+        for i, chat in enumerate(chats):
+            await expect_message(receiver, chat, [i])
+        reply = await command(sender, op="publish", channel="news", data=1, id=99)
+        assert reply["type"] == "error" and reply["code"] == "forbidden", reply
+        for ws in conns:
+            await no_message(ws, 0.1)
+
+
+async def test_master_restart_affects_only_its_channels(cluster, hub_factory):
+    h1 = cluster_hub(hub_factory, cluster)
+    h2 = cluster_hub(hub_factory, cluster)
+    placed = spread(cluster, [f"room:{i}" for i in range(15)])
+    victim = cluster.ports[2]  # not the seed; the hubs find the map on the others
+    hit = placed[victim][:3]
+    spared = placed[cluster.ports[0]][:2] + placed[cluster.ports[1]][:2]
+    async with open_ws(h1.ws_url) as a, open_ws(h1.ws_url) as b, open_ws(h2.ws_url) as c:
+        for i, channel in enumerate(hit):
+            await subscribe(a, channel, id=i)
+        for i, channel in enumerate(spared):
+            await subscribe(b, channel, id=i)
+            await subscribe(c, channel, id=i)
+
+        cluster.kill(victim)
+        for hub in (h1, h2):
+            await wait_for(lambda hub=hub: hub.http_get("/readyz", 0.5)[0] == 503, 15,
+                           "/readyz 503 while a master is down")
+        for n in range(3):  # the other masters keep working
+            for channel in spared:
+                assert cluster.spublish(channel, str(n)) == 2
+        for ws in (b, c):
+            for n in range(3):
+                for channel in spared:
+                    await expect_message(ws, channel, n)
+
+        cluster.restart(victim)  # same port, same nodes.conf: it serves its slots again
+        for hub in (h1, h2):
+            await wait_for(lambda hub=hub: hub.http_get("/readyz", 0.5)[0] == 200, 30,
+                           "/readyz 200 after the master is back")
+        frame = await recv_json(a, 20)
+        assert frame == {"type": "gap", "channels": sorted(hit)}, frame
+        for channel in hit:
+            assert cluster.spublish(channel, '"after"') == 1
+            await expect_message(a, channel, "after")
+        for channel in spared:
+            assert cluster.spublish(channel, "3") == 2
+        for ws in (b, c):  # no gap frame, nothing lost, nothing twice
+            for channel in spared:
+                await expect_message(ws, channel, 3)
+            await no_message(ws, 0.3)
+
+
+async def test_slot_migration(cluster, hub_factory):
+    h1 = cluster_hub(hub_factory, cluster)
+    h2 = cluster_hub(hub_factory, cluster)
+    channel = "news"
+    src = cluster.owner(channel)
+    dst = next(port for port in cluster.ports if port != src)
+    bystander = next(f"room:{i}" for i in range(100)
+                     if cluster.owner(f"room:{i}") not in (src,))
+    async with open_ws(h1.ws_url) as a, open_ws(h2.ws_url) as b:
+        for ws in (a, b):
+            await subscribe(ws, channel, id=1)
+            await subscribe(ws, bystander, id=2)
+        with Publisher(cluster.url, cluster=True) as publisher:  # its slot map goes stale
+            assert publisher.publish(channel, "before") == 2
+
+            cluster.move_slot(key_slot(f"hub:{channel}".encode()), src, dst)
+            await wait_for(lambda: cluster.shardnumsub(dst, channel) == 2, 20,
+                           "both hubs subscribed on the new owner")
+            for ws in (a, b):
+                await expect_message(ws, channel, "before")
+                frame = await recv_json(ws, 10)
+                assert frame == {"type": "gap", "channels": [channel]}, frame
+
+            assert publisher.publish(channel, "after") == 2  # follows MOVED
+            assert publisher.publish(bystander, "still") == 2
+        for ws in (a, b):
+            await expect_message(ws, channel, "after")
+            await expect_message(ws, bystander, "still")
+            await no_message(ws, 0.3)
