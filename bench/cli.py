@@ -24,7 +24,7 @@ import traceback
 from importlib import metadata
 
 from .procs import RedisServer, raise_nofile
-from .report import ratios, table, write_json, write_plots
+from .report import aggregate, ratios, table, write_json, write_plots
 from .runner import Settings, run_session
 from .stacks import REPO, STACKS, hub_available
 
@@ -57,13 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="messages per run (default 300)")
     p.add_argument("--rates", type=_rates, default=None,
                    help="offered rates in msg/s, 'max' or 0 = as fast as possible "
-                        "(default 10,25,50,100,200,max)")
+                        "(default 5,10,25,50,100,max)")
     p.add_argument("--size", type=int, default=100, help="payload bytes (default 100)")
     p.add_argument("--duration-limit", type=float, default=None,
-                   help="seconds a run may publish (default 20); deliveries are awaited "
-                        "--drain more seconds, then the rest count as lost")
-    p.add_argument("--drain", type=float, default=10.0,
-                   help="seconds to wait for deliveries after the publish bound (default 10)")
+                   help="seconds a run may publish (default 20)")
+    p.add_argument("--drain", type=float, default=30.0,
+                   help="seconds to wait for deliveries after the last publish (default 30); "
+                        "what has not arrived by then counts as lost")
     p.add_argument("--quiet", type=float, default=5.0,
                    help="stop waiting after this many seconds without a delivery (default 5)")
     p.add_argument("--quick", action="store_true",
@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(explicit flags win)")
     p.add_argument("--redis-url", default=None,
                    help="Redis to use (default: start our own redis-server on a free port)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run the whole matrix this many times, interleaved; the table shows "
+                        "medians (lost: the sum) over repeats (default 1)")
     p.add_argument("--loadgen-procs", type=int, default=2,
                    help="load-generator processes (default 2)")
     p.add_argument("--connect-concurrency", type=int, default=32,
@@ -78,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-uvloop", action="store_true",
                    help="default asyncio loop for the clients, the publisher and the "
                         "ceiling and socketio servers (the hub picks its own)")
+    p.add_argument("--save-latencies", action="store_true",
+                   help="also write every run's latencies (and publish times) to "
+                        "OUT/logs/lat-<stack>-<N>-<rate>.npz")
     p.add_argument("--out", default=None,
                    help="output directory (default bench/results/<UTC timestamp>)")
     return p
@@ -109,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     clients = args.clients or (QUICK["clients"] if args.quick else [1000, 5000])
     messages = args.messages or (QUICK["messages"] if args.quick else 300)
-    rates = args.rates or (QUICK["rates"] if args.quick else [10, 25, 50, 100, 200, 0])
+    rates = args.rates or (QUICK["rates"] if args.quick else [5, 10, 25, 50, 100, 0])
     limit = args.duration_limit or (QUICK["duration_limit"] if args.quick else 20.0)
     names = [x.strip() for x in args.stacks.split(",") if x.strip()]
     unknown = [x for x in names if x not in STACKS]
@@ -137,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"started": stamp, "argv": sys.argv[1:] if argv is None else list(argv),
             "stacks": names, "clients": clients, "messages": messages, "rates": rates,
             "size": args.size, "duration_limit": limit, "drain": args.drain,
-            "loadgen_procs": args.loadgen_procs, "nofile": nofile,
+            "loadgen_procs": args.loadgen_procs, "repeat": args.repeat, "nofile": nofile,
             "machine": _machine(), "versions": _versions(), "errors": []}
     redis_server = None
     runs: list[dict] = []
@@ -155,32 +161,39 @@ def main(argv: list[str] | None = None) -> int:
                             loadgen_procs=args.loadgen_procs,
                             connect_concurrency=args.connect_concurrency,
                             redis_url=redis_url, redis_pid=redis_pid, logdir=logdir,
-                            uvloop=not args.no_uvloop, log=log)
+                            uvloop=not args.no_uvloop, save_latencies=args.save_latencies,
+                            log=log)
         run_no = 0
-        for n in clients:
-            for name in names:
-                stack = STACKS[name]
-                if args.no_uvloop:
-                    stack = type(stack)(**{**stack.__dict__, "uvloop": False})
-                try:
-                    runs.extend(run_session(stack, n, rates, run_no, settings))
-                except Exception as exc:  # noqa: BLE001 - a failed session is reported
-                    meta["errors"].append(f"{name} N={n}: {type(exc).__name__}: {exc}")
-                    log(f"  {name} N={n} FAILED: {exc}")
-                    traceback.print_exc()
-                run_no += len(rates)
+        matrix = [(k, n, name) for k in range(args.repeat) for n in clients for name in names]
+        for repeat, n, name in matrix:
+            stack = STACKS[name]
+            if args.no_uvloop:
+                stack = type(stack)(**{**stack.__dict__, "uvloop": False})
+            if args.repeat > 1:
+                log(f"repeat {repeat + 1}/{args.repeat}")
+            try:
+                session = run_session(stack, n, rates, run_no, settings)
+                for run in session:
+                    run["repeat"] = repeat
+                runs.extend(session)
+            except Exception as exc:  # noqa: BLE001 - a failed session is reported
+                meta["errors"].append(f"{name} N={n}: {type(exc).__name__}: {exc}")
+                log(f"  {name} N={n} FAILED: {exc}")
+                traceback.print_exc()
+            run_no += len(rates)
     finally:
         if redis_server is not None:
             redis_server.close()
         meta["elapsed_s"] = time.monotonic() - started
         write_json(os.path.join(out, "results.json"), meta, runs)
 
+    rows = aggregate(runs)
     print()
-    print(table(runs))
+    print(table(rows))
     print()
-    print(ratios(runs))
-    if runs:
-        for path in write_plots(out, runs):
+    print(ratios(rows))
+    if rows:
+        for path in write_plots(out, rows):
             log(f"wrote {path}")
     log(f"wrote {os.path.join(out, 'results.json')} in {meta['elapsed_s']:.0f} s")
     return 1 if meta["errors"] else 0

@@ -11,7 +11,9 @@ A worker is driven by its parent over a ``multiprocessing`` pipe:
 * ``("collect", run, published, deadline, quiet)`` waits until every open connection
   received the ``published`` messages of run ``run``, or nothing arrived for ``quiet``
   seconds, or ``time.time()`` passed ``deadline``; it answers ``("result", {...})`` with the
-  latencies in milliseconds (float32 bytes) and counts;
+  latencies in milliseconds (float32 bytes), the publish times (float64 bytes) and counts;
+* ``("settle", limit, quiet)`` waits until no frame arrived for ``quiet`` seconds (at most
+  ``limit`` seconds) and answers ``("settled", late deliveries)``;
 * ``("close",)`` closes every connection and ends the worker.
 
 Every delivery carries the publisher's ``time.time()`` in its payload; the latency is the
@@ -122,20 +124,31 @@ PROTOCOLS: dict[str, Protocol] = {
 
 
 class _Recorder:
-    """Latencies and counts per run, filled by every connection of this worker."""
+    """Latencies and counts per run, filled by every connection of this worker.
+
+    A delivery of a run that was already collected (or of the warm-up run -1) is *late*:
+    it is counted, not recorded.
+    """
 
     def __init__(self) -> None:
         self.latencies: dict[int, array] = {}
-        self.first: dict[int, float] = {}
+        self.sent: dict[int, array] = {}
         self.last: dict[int, float] = {}
+        self.done: set[int] = {-1}
+        self.late = 0
         self.other = 0  # frames that were not deliveries (acks, pings, ...)
+        self.total = 0  # every frame received
 
     def add(self, run: int, sent: float, now: float) -> None:
         lat = self.latencies.get(run)
         if lat is None:
+            if run in self.done:
+                self.late += 1
+                return
             lat = self.latencies[run] = array("f")
-            self.first[run] = now
+            self.sent[run] = array("d")
         lat.append((now - sent) * 1000.0)
+        self.sent[run].append(sent)
         self.last[run] = now
 
     def count(self, run: int) -> int:
@@ -143,9 +156,11 @@ class _Recorder:
         return 0 if lat is None else len(lat)
 
     def pop(self, run: int) -> dict:
+        self.done.add(run)
         lat = self.latencies.pop(run, array("f"))
         return {"received": len(lat), "latencies_ms": lat.tobytes(),
-                "first": self.first.pop(run, None), "last": self.last.pop(run, None)}
+                "sent": self.sent.pop(run, array("d")).tobytes(),
+                "last": self.last.pop(run, None)}
 
 
 async def _reader(ws: ClientConnection, proto: Protocol, rec: _Recorder) -> None:
@@ -153,6 +168,7 @@ async def _reader(ws: ClientConnection, proto: Protocol, rec: _Recorder) -> None
     with contextlib.suppress(Exception):
         while True:
             raw = await ws.recv(decode=False)
+            rec.total += 1
             got = decode(raw)
             if got is not None:
                 rec.add(got[0], got[1], now())
@@ -209,6 +225,10 @@ async def _run(ctrl: Connection, stack: str, urls: list[str], indexes: list[int]
                 result = rec.pop(run)
                 result["open"] = sum(1 for ws in conns if ws.state.name == "OPEN")
                 ctrl.send(("result", result))
+            elif cmd[0] == "settle":
+                late = rec.late
+                await _settle(rec, cmd[1], cmd[2])
+                ctrl.send(("settled", rec.late - late))
             elif cmd[0] == "close":
                 break
     finally:
@@ -232,6 +252,18 @@ async def _collect(rec: _Recorder, conns: list[ClientConnection], run: int, publ
         elif time.monotonic() - last_change > quiet:
             return
         await asyncio.sleep(0.05)
+
+
+async def _settle(rec: _Recorder, limit: float, quiet: float) -> None:
+    """Return once no frame arrived for ``quiet`` s, or after ``limit`` s."""
+    end = time.monotonic() + limit
+    total, changed = rec.total, time.monotonic()
+    while time.monotonic() < end:
+        await asyncio.sleep(0.05)
+        if rec.total != total:
+            total, changed = rec.total, time.monotonic()
+        elif time.monotonic() - changed >= quiet:
+            return
 
 
 def worker_main(ctrl: Connection, stack: str, urls: list[str], indexes: list[int],

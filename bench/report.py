@@ -7,7 +7,11 @@ import math
 import os
 from collections.abc import Sequence
 
-__all__ = ["ratios", "table", "write_json", "write_plots"]
+__all__ = ["aggregate", "ratios", "table", "write_json", "write_plots"]
+
+#: Summed over repeats; every other number is the median over repeats.
+SUMMED = ("published", "expected", "received", "lost", "late")
+KEYS = ("stack", "clients", "rate", "run", "repeat")
 
 ORDER = ["ceiling", "socketio", "hub", "hub2"]
 
@@ -27,11 +31,35 @@ def _key(run: dict) -> tuple:
     return run["clients"], stack, run["rate"] == 0, run["rate"]
 
 
+def aggregate(runs: Sequence[dict]) -> list[dict]:
+    """One row per stack x N x rate: counts summed over repeats, other figures the median."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["stack"], r["clients"], r["rate"]), []).append(r)
+    rows = []
+    for group in groups.values():
+        row = dict(group[0])
+        row["repeats"] = len(group)
+        for key, value in group[0].items():
+            if key in KEYS or isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            values = [g[key] for g in group if isinstance(g.get(key), int | float)]
+            if key in SUMMED:
+                row[key] = sum(values)
+            elif values:
+                ordered = sorted(values)
+                mid = len(ordered) // 2
+                row[key] = (ordered[mid] if len(ordered) % 2
+                            else (ordered[mid - 1] + ordered[mid]) / 2)
+        rows.append(row)
+    return sorted(rows, key=_key)
+
+
 def table(runs: Sequence[dict]) -> str:
     """One row per stack x N x rate (markdown, readable on a terminal too)."""
     head = ("| stack | N | rate msg/s | published | deliveries/s | p50 ms | p90 ms | p99 ms "
             "| max ms | lost | server CPU us/delivery | RSS KiB/conn idle | RSS KiB/conn loaded "
-            "| loadgen cores |")
+            "| loadgen cores | other cores |")
     lines = [head, _rule(head)]
     for r in sorted(runs, key=_key):
         cores = r["loadgen_cpu_s"] / r["wall_s"] if r["wall_s"] > 0 else float("nan")
@@ -41,7 +69,7 @@ def table(runs: Sequence[dict]) -> str:
             f"| {_f(r['p90_ms'], '.1f')} | {_f(r['p99_ms'], '.1f')} | {_f(r['max_ms'], '.1f')} "
             f"| {r['lost']} | {_f(r['cpu_us_per_delivery'], '.1f')} "
             f"| {_f(r['rss_idle_kib_per_conn'], '.1f')} | {_f(r['rss_loaded_kib_per_conn'], '.1f')} "
-            f"| {_f(cores, '.2f')} |")
+            f"| {_f(cores, '.2f')} | {_f(r.get('other_cores'), '.2f')} |")
     return "\n".join(lines)
 
 

@@ -39,7 +39,7 @@ class Settings:
     messages: int  # messages per run
     size: int  # payload bytes
     duration_limit: float  # seconds a publisher may publish
-    drain: float  # seconds after the publisher's time bound to wait for deliveries
+    drain: float  # seconds after the last publish to wait for deliveries
     quiet: float  # stop waiting after this many seconds without a new delivery
     loadgen_procs: int  # load-generator processes
     connect_concurrency: int  # handshakes in flight per load-generator process
@@ -47,6 +47,7 @@ class Settings:
     redis_pid: int | None  # our own redis-server, for its CPU figure
     logdir: str
     uvloop: bool = True
+    save_latencies: bool = False  # write every run's latencies to logdir/lat-*.npz
     log: Callable[[str], None] = field(default=print)
 
 
@@ -138,7 +139,7 @@ def run_session(stack: Stack, clients: int, rates: list[float], first_run: int,
         session.update(connected=connected, failed=failed, connect_s=time.monotonic() - t0,
                        connect_error=next((r["error"] for r in ready if r["error"]), None))
         s.log(f"  {stack.name} N={clients}: {connected} connected, {failed} failed "
-              f"in {session['connect_s']:.1f} s"
+              f"in {session['connect_s']:.1f} s, server pids {[p.pid for p in tree(proc)]}"
               + (f" (first error: {session['connect_error']})" if failed else ""))
         if connected == 0:
             raise RuntimeError(f"{stack.name}: no client connected")
@@ -157,9 +158,17 @@ def run_session(stack: Stack, clients: int, rates: list[float], first_run: int,
         loadgen = [psutil.Process(p.pid) for p, _ in workers]
 
         results = []
+        saturated = None
         for i, rate in enumerate(rates):
+            if saturated is not None and rate > saturated:
+                s.log(f"  {stack.name} N={clients} rate={_rate(rate)}: skipped, "
+                      f"rate {_rate(saturated)} already lost deliveries")
+                continue
             run = _one_run(ctx, stack, first_run + i, rate, connected, server, loadgen,
                            [c for _, c in workers], s)
+            if run["lost"] > 0 and rate > 0 and saturated is None:
+                saturated = rate
+            run["late"], run["settle_s"] = _settle([c for _, c in workers], s)
             run.update(session)
             run["rss_idle_kib_per_conn"] = (rss_idle - rss_before) / connected / KIB
             run["rss_loaded_kib_per_conn"] = (run["rss_peak"] - rss_before) / connected / KIB
@@ -182,6 +191,23 @@ def run_session(stack: Stack, clients: int, rates: list[float], first_run: int,
         stop(proc)
 
 
+def _settle(workers: list[Connection], s: Settings) -> tuple[int, float]:
+    """Wait until no delivery arrived for ``s.quiet`` s (at most ``s.drain`` s), so that the
+    backlog of one run never runs into the next; return (late deliveries, seconds waited)."""
+    t0 = time.monotonic()
+    for conn in workers:
+        conn.send(("settle", s.drain, min(s.quiet, 2.0)))
+    late = sum(_recv(c, s.drain + 30, "load generator settle")[1] for c in workers)
+    return late, time.monotonic() - t0
+
+
+def _busy_seconds() -> float:
+    """CPU seconds the whole machine was busy (all cores, not idle nor iowait)."""
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0) - getattr(
+        t, "guest_nice", 0.0)
+
+
 def _rate(rate: float) -> str:
     return "max" if rate == 0 else f"{rate:g}"
 
@@ -200,18 +226,20 @@ def _one_run(ctx: Any, stack: Stack, run: int, rate: float, connected: int,
         _recv(parent, 30, "publisher start")
         time.sleep(0.3)  # let the warm-up message of run -1 drain
         cpu0, lg0, rd0 = cpu_seconds(server), cpu_seconds(loadgen), cpu_seconds(redis_proc)
+        busy0 = _busy_seconds()
         wall0 = time.time()
         peak = _PeakRss(server)
         peak.start()
         parent.send(("go",))
         pub_result = _recv(parent, s.duration_limit + 30, "publisher")[1]
-        deadline = wall0 + s.duration_limit + s.drain
+        deadline = time.time() + s.drain
         for conn in workers:
             conn.send(("collect", run, pub_result["published"], deadline, s.quiet))
-        parts = [_recv(c, s.duration_limit + s.drain + 30, "load generator")[1]
+        parts = [_recv(c, s.drain + 30, "load generator")[1]
                  for c in workers]
         wall1 = time.time()
         cpu1, lg1, rd1 = cpu_seconds(server), cpu_seconds(loadgen), cpu_seconds(redis_proc)
+        busy1 = _busy_seconds()
         rss_peak = peak.finish()
     finally:
         pub.join(10)
@@ -221,6 +249,10 @@ def _one_run(ctx: Any, stack: Stack, run: int, rate: float, connected: int,
 
     lat = np.concatenate([np.frombuffer(p["latencies_ms"], dtype=np.float32) for p in parts])
     received = int(lat.size)
+    if s.save_latencies:
+        sent = np.concatenate([np.frombuffer(p["sent"], dtype=np.float64) for p in parts])
+        np.savez_compressed(os.path.join(s.logdir, f"lat-{stack.name}-{connected}-{_rate(rate)}"),
+                            latency_ms=lat, sent=sent)
     published = pub_result["published"]
     lasts = [p["last"] for p in parts if p["last"] is not None]
     span = (max(lasts) - pub_result["first"]) if lasts else 0.0
@@ -245,5 +277,9 @@ def _one_run(ctx: Any, stack: Stack, run: int, rate: float, connected: int,
         "cpu_us_per_delivery": (cpu1 - cpu0) / received * 1e6 if received else float("nan"),
         "loadgen_cpu_s": lg1 - lg0,
         "redis_cpu_s": rd1 - rd0 if redis_proc else None,
+        # CPU the whole machine spent during the run outside the server, the load
+        # generator, redis and the publisher: other people's work on a shared box.
+        "other_cores": max(0.0, (busy1 - busy0) - (cpu1 - cpu0) - (lg1 - lg0) - (rd1 - rd0)
+                           - (pub_result.get("cpu") or 0.0)) / (wall1 - wall0),
         "rss_peak": rss_peak,
     }
