@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", type=_ints, default=None,
                    help="client counts N, comma-separated (default 1000,5000)")
     p.add_argument("--messages", type=int, default=None,
-                   help="messages per run (default 300)")
+                   help="messages per run (default 200)")
     p.add_argument("--rates", type=_rates, default=None,
                    help="offered rates in msg/s, 'max' or 0 = as fast as possible "
                         "(default 5,10,25,50,100,max)")
@@ -114,7 +114,7 @@ def _machine() -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     clients = args.clients or (QUICK["clients"] if args.quick else [1000, 5000])
-    messages = args.messages or (QUICK["messages"] if args.quick else 300)
+    messages = args.messages or (QUICK["messages"] if args.quick else 200)
     rates = args.rates or (QUICK["rates"] if args.quick else [5, 10, 25, 50, 100, 0])
     limit = args.duration_limit or (QUICK["duration_limit"] if args.quick else 20.0)
     names = [x.strip() for x in args.stacks.split(",") if x.strip()]
