@@ -21,7 +21,13 @@ from hub.config import Config
 from hub.exceptions import ProtocolError
 from hub.node import Node
 from hub.protocol import (
-    CHANNEL_RE, ERROR_CODES, OPS, Command, check_channel, error_frame, parse_command,
+    CHANNEL_RE,
+    ERROR_CODES,
+    OPS,
+    Command,
+    check_channel,
+    error_frame,
+    parse_command,
 )
 from hub.registry import Registry
 
@@ -224,6 +230,9 @@ class FakeConn:
 
     def __repr__(self) -> str:
         return f"FakeConn({self.name!r}, user={self.user!r})"
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        raise AssertionError("the node never closes a connection in these tests")
 
 
 CONNS = 4

@@ -323,7 +323,7 @@ def bad_tokens() -> dict[str, str]:
     return {
         "forged": token("alice", secret=OTHER_SECRET),
         "expired": token("alice", ttl=-30),
-        "alg none": jwt.encode({"sub": "alice", "exp": exp}, None, algorithm="none"),
+        "alg none": jwt.encode({"sub": "alice", "exp": exp}, "", algorithm="none"),
         "alg None, hand-made": b64({"alg": "None", "typ": "JWT"}) + "."
         + b64({"sub": "alice", "exp": exp}) + ".",
         "alg none with a signature": b64({"alg": "none"}) + "." + b64({"sub": "alice"}) + "."
