@@ -36,7 +36,14 @@ CLIENTS = 40
 
 def workers(hub) -> list[int]:
     """Pids of the supervisor's live worker processes."""
-    return [p.pid for p in psutil.Process(hub.pid).children() if p.status() != "zombie"]
+    pids = []
+    for child in psutil.Process(hub.pid).children():
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE:
+                pids.append(child.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return pids
 
 
 def peers_by_worker(pids: list[int], port: int) -> dict[int, set[int]]:
