@@ -80,7 +80,10 @@ def identify(path: str, authorization: str | None, secret: str | None) -> Identi
     Raises :class:`AuthError` (the handshake answers 401; 400 for a bad ``user`` parameter
     when auth is off).
     """
-    query = parse_qs(path.partition("?")[2], max_num_fields=16)
+    try:
+        query = parse_qs(path.partition("?")[2], max_num_fields=16)
+    except ValueError:
+        raise AuthError("more than 16 query parameters") from None
     if secret is None:
         user = query.get("user", [None])[0]
         return Identity(check_user_id(user) if user is not None else None)

@@ -216,9 +216,10 @@ class RedisBroker(Broker):
             self._ready = True
             logger.info("redis %s: connected, %d channels subscribed", self.name,
                         len(self._live))
-            self.on_state(True)
             if had_link:
                 self.reconnects += 1
+            self.on_state(True)
+            if had_link:
                 if self._live:
                     self.on_gap(sorted(self._live))
             tasks.add(asyncio.create_task(self._probe(client)))

@@ -76,7 +76,7 @@ class Node:
         )
         if hasattr(self.broker, "on_state"):
             self.broker.on_state = self._on_broker_state
-        self._had_broker = False
+        self._reconnects_seen = 0
 
     async def start(self) -> None:
         await self.broker.start()
@@ -135,10 +135,10 @@ class Node:
                        len(affected))
 
     def _on_broker_state(self, connected: bool) -> None:
-        if connected:
-            if self._had_broker:
-                self.metrics.broker_reconnects.inc()
-            self._had_broker = True
+        total = getattr(self.broker, "reconnects", 0)
+        if total > self._reconnects_seen:
+            self.metrics.broker_reconnects.inc(total - self._reconnects_seen)
+            self._reconnects_seen = total
 
     # -- connections and subscriptions -----------------------------------------------------
 
@@ -161,7 +161,9 @@ class Node:
         not confirm within :data:`SUBSCRIBE_TIMEOUT` seconds.
         """
         self.registry.subscribe(conn, channel)
-        if self.broker.is_live(channel):
+        # Fast path only when no sync of this channel is under way: an unsubscribe in flight
+        # may still show the channel live and end it right after.
+        if channel not in self._locks and self.broker.is_live(channel):
             return
         try:
             await self.sync(channel)

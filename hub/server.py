@@ -164,8 +164,12 @@ class Hub:
         if self.open_connections >= self.config.max_connections:
             return conn.respond(http.HTTPStatus.SERVICE_UNAVAILABLE,
                                 "too many connections\n")
+        authorization = request.headers.get_all("Authorization")
+        if len(authorization) > 1:
+            return conn.respond(http.HTTPStatus.BAD_REQUEST,
+                                "more than one Authorization header\n")
         try:
-            identity = identify(request.path, request.headers.get("Authorization"),
+            identity = identify(request.path, authorization[0] if authorization else None,
                                 self.config.jwt_secret)
         except AuthError as exc:
             status = (http.HTTPStatus.BAD_REQUEST if self.config.jwt_secret is None
@@ -336,6 +340,10 @@ class Hub:
         if identity.user != conn.user:
             raise ProtocolError("forbidden", "the token is for another user", cid)
         self._apply_identity(conn, identity)
+        # The new token's channels claim applies from now: drop private channels it revokes.
+        for channel in list(self.node.registry.channels_of.get(conn, ())):
+            if channel.startswith("private:") and not channel_matches(channel, conn.private):
+                self.node.unsubscribe(conn, channel)
         return ack_frame(cid)
 
 
