@@ -93,7 +93,8 @@ class ClusterBroker(Broker):
         self._state = False
         #: Incremented each time a lost master link is confirmed again (a reconnect).
         self.reconnects = 0
-        #: Called with True/False on every change of :attr:`connected`.
+        #: Called with True/False on every change of :attr:`connected` (after
+        #: :attr:`reconnects` is counted up).
         self.on_state = lambda connected: None
 
     # -- Broker interface ------------------------------------------------------------------
@@ -382,9 +383,9 @@ class _Link:
                 raise TimeoutError(f"no PING reply within {broker.confirm_timeout:g}s")
             self.ready = True
             logger.info("redis %s: connected, %d channels subscribed", self.name, len(self.live))
-            broker.state_changed()
             if had_link:
                 broker.reconnects += 1
+            broker.state_changed()
             gap = self.live & broker.lost
             if gap:
                 broker.lost -= gap

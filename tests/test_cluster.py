@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,7 +23,8 @@ from redis.crc import key_slot
 
 from hub import AsyncPublisher, Publisher
 
-from .conftest import free_port, wait_until
+from .conftest import ROOT, free_port, wait_until
+from .test_sharding import expect_message, expect_messages, metric
 from .wsutil import command, no_message, open_ws, recv_json, subscribe
 
 pytestmark = pytest.mark.cluster
@@ -32,10 +35,10 @@ REDIS_CLI = shutil.which("redis-cli")
 
 
 class Cluster:
-    """Three masters, no replicas, on loopback. A killed master restarts on its port with its
-    own ``nodes.conf``, so it rejoins with the slots it had."""
+    """Three masters (each with ``replicas`` replicas) on loopback. A killed master restarts
+    on its port with its own ``nodes.conf``, so it rejoins with the slots it had."""
 
-    def __init__(self, workdir: Path, masters: int = 3):
+    def __init__(self, workdir: Path, replicas: int = 0):
         if REDIS_SERVER is None or REDIS_CLI is None:
             pytest.fail("redis-server and redis-cli are needed (bash .ci/run installs them)")
         version = subprocess.run([REDIS_SERVER, "--version"], capture_output=True, text=True,
@@ -44,10 +47,12 @@ class Cluster:
         if major < 7:
             pytest.skip(f"sharded pub/sub needs Redis >= 7, found {version.strip()}")
         self.workdir = workdir
+        self.replicas = replicas
+        count = 3 * (1 + replicas)
         ports: set[int] = set()
-        while len(ports) < 2 * masters:
+        while len(ports) < 2 * count:
             ports.add(free_port())
-        self.ports, self.bus_ports = sorted(ports)[:masters], sorted(ports)[masters:]
+        self.ports, self.bus_ports = sorted(ports)[:count], sorted(ports)[count:]
         self.procs: dict[int, subprocess.Popen] = {}
 
     def create(self) -> None:
@@ -56,10 +61,15 @@ class Cluster:
             self.start(port)
         addrs = [f"127.0.0.1:{port}" for port in self.ports]
         done = subprocess.run([REDIS_CLI, "--cluster", "create", *addrs, "--cluster-replicas",
-                               "0", "--cluster-yes"], capture_output=True, text=True, timeout=60,
-                              check=False)
+                               str(self.replicas), "--cluster-yes"], capture_output=True,
+                              text=True, timeout=60, check=False)
         assert done.returncode == 0, done.stdout + done.stderr
         wait_until(self._settled, 30, interval=0.1, what="cluster_state:ok on every node")
+
+    def masters(self, ask: int | None = None) -> list[int]:
+        """Ports of the masters, in slot order, as node ``ask`` sees them."""
+        slots = self.client(ask or self.ports[0]).execute_command("CLUSTER", "SLOTS")
+        return [int(entry[2][1]) for entry in sorted(slots)]
 
     @property
     def url(self) -> str:
@@ -93,7 +103,8 @@ class Cluster:
             info = self.client(port).execute_command("CLUSTER", "INFO").decode()
             if "cluster_state:ok" not in info or f"cluster_known_nodes:{len(self.ports)}" not in info:
                 return False
-            if len(self.client(port).execute_command("CLUSTER", "SLOTS")) != len(self.ports):
+            slots = self.client(port).execute_command("CLUSTER", "SLOTS")
+            if [len(entry) for entry in slots] != [3 + self.replicas] * 3:
                 return False
         return True
 
@@ -157,9 +168,19 @@ def cluster(tmp_path):
         nodes.close()
 
 
+@pytest.fixture
+def replicated_cluster(tmp_path):
+    nodes = Cluster(tmp_path / "cluster", replicas=1)
+    try:
+        nodes.create()
+        yield nodes
+    finally:
+        nodes.close()
+
+
 def spread(cluster: Cluster, names: list[str]) -> dict[int, list[str]]:
     """``names`` grouped by the port of their master; every master gets some."""
-    placed: dict[int, list[str]] = {port: [] for port in cluster.ports}
+    placed: dict[int, list[str]] = {port: [] for port in cluster.masters()}
     for name in names:
         placed[cluster.owner(name)].append(name)
     assert all(placed.values()), placed
@@ -175,11 +196,6 @@ async def wait_for(predicate, timeout: float, what: str) -> None:
     while not await asyncio.to_thread(predicate):
         assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
         await asyncio.sleep(0.05)
-
-
-async def expect_message(ws, channel: str, data, timeout: float = 5.0) -> None:
-    frame = await recv_json(ws, timeout)
-    assert frame == {"type": "message", "channel": channel, "data": data}, frame
 
 
 async def test_delivery_across_masters(cluster, hub_factory):
@@ -198,11 +214,17 @@ async def test_delivery_across_masters(cluster, hub_factory):
         with Publisher(cluster.url, cluster=True) as publisher:
             for i, channel in enumerate(channels[6:]):
                 assert publisher.publish(channel, {"lib": i}) == 2
+        cmd = [sys.executable, "-m", "hub", "publish", channels[0], '"hub cli"',
+               "--redis-cluster", "--redis-url", cluster.url]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
+        env["PYTHONPATH"] = str(ROOT)
+        done = await asyncio.to_thread(subprocess.run, cmd, env=env, capture_output=True,
+                                       text=True, timeout=30, check=False)
+        assert (done.returncode, done.stdout.strip()) == (0, "2"), done.stderr
         for ws in (a, b):
-            for i, channel in enumerate(channels[:6]):
-                await expect_message(ws, channel, {"cli": i})
-            for i, channel in enumerate(channels[6:]):
-                await expect_message(ws, channel, {"lib": i})
+            await expect_messages(ws, [(c, {"cli": i}) for i, c in enumerate(channels[:6])]
+                                  + [(c, {"lib": i}) for i, c in enumerate(channels[6:])]
+                                  + [(channels[0], "hub cli")])
 
 
 async def test_personal_channels_and_client_publish(cluster, hub_factory):
@@ -229,8 +251,7 @@ async def test_personal_channels_and_client_publish(cluster, hub_factory):
         for i, chat in enumerate(chats):  # a client of h2 publishes, h1's client receives
             reply = await command(sender, op="publish", channel=chat, data=[i], id=50 + i)
             assert reply == {"type": "ack", "id": 50 + i}
-        for i, chat in enumerate(chats):
-            await expect_message(receiver, chat, [i])
+        await expect_messages(receiver, [(chat, [i]) for i, chat in enumerate(chats)])
         reply = await command(sender, op="publish", channel="news", data=1, id=99)
         assert reply["type"] == "error" and reply["code"] == "forbidden", reply
         for ws in conns:
@@ -241,9 +262,9 @@ async def test_master_restart_affects_only_its_channels(cluster, hub_factory):
     h1 = cluster_hub(hub_factory, cluster)
     h2 = cluster_hub(hub_factory, cluster)
     placed = spread(cluster, [f"room:{i}" for i in range(15)])
-    victim = cluster.ports[2]  # not the seed; the hubs find the map on the others
+    first, second, victim = cluster.masters()  # not the seed: the hubs ask the others
     hit = placed[victim][:3]
-    spared = placed[cluster.ports[0]][:2] + placed[cluster.ports[1]][:2]
+    spared = placed[first][:2] + placed[second][:2]
     async with open_ws(h1.ws_url) as a, open_ws(h1.ws_url) as b, open_ws(h2.ws_url) as c:
         for i, channel in enumerate(hit):
             await subscribe(a, channel, id=i)
@@ -259,9 +280,10 @@ async def test_master_restart_affects_only_its_channels(cluster, hub_factory):
             for channel in spared:
                 assert cluster.spublish(channel, str(n)) == 2
         for ws in (b, c):
-            for n in range(3):
-                for channel in spared:
-                    await expect_message(ws, channel, n)
+            await expect_messages(ws, [(channel, n) for n in range(3) for channel in spared])
+        async with open_ws(h2.ws_url) as d:  # SSUBSCRIBE cannot be confirmed: "unavailable"
+            reply = await command(d, op="subscribe", channel=hit[0], id=7)
+            assert reply["type"] == "error" and reply["code"] == "unavailable", reply
 
         cluster.restart(victim)  # same port, same nodes.conf: it serves its slots again
         for hub in (h1, h2):
@@ -275,9 +297,11 @@ async def test_master_restart_affects_only_its_channels(cluster, hub_factory):
         for channel in spared:
             assert cluster.spublish(channel, "3") == 2
         for ws in (b, c):  # no gap frame, nothing lost, nothing twice
-            for channel in spared:
-                await expect_message(ws, channel, 3)
+            await expect_messages(ws, [(channel, 3) for channel in spared])
             await no_message(ws, 0.3)
+    for hub in (h1, h2):
+        assert metric(hub, "hub_broker_reconnects_total") == 1
+        assert metric(hub, "hub_broker_connected") == 1
 
 
 async def test_slot_migration(cluster, hub_factory):
@@ -285,7 +309,7 @@ async def test_slot_migration(cluster, hub_factory):
     h2 = cluster_hub(hub_factory, cluster)
     channel = "news"
     src = cluster.owner(channel)
-    dst = next(port for port in cluster.ports if port != src)
+    dst = next(port for port in cluster.masters() if port != src)
     bystander = next(f"room:{i}" for i in range(100)
                      if cluster.owner(f"room:{i}") not in (src,))
     async with open_ws(h1.ws_url) as a, open_ws(h2.ws_url) as b:
@@ -306,6 +330,38 @@ async def test_slot_migration(cluster, hub_factory):
             assert publisher.publish(channel, "after") == 2  # follows MOVED
             assert publisher.publish(bystander, "still") == 2
         for ws in (a, b):
-            await expect_message(ws, channel, "after")
-            await expect_message(ws, bystander, "still")
+            await expect_messages(ws, [(channel, "after"), (bystander, "still")])
             await no_message(ws, 0.3)
+
+
+async def test_replica_takes_over_a_dead_master(replicated_cluster, hub_factory):
+    cluster = replicated_cluster
+    h1 = cluster_hub(hub_factory, cluster)
+    h2 = cluster_hub(hub_factory, cluster)
+    first, _, victim = cluster.masters()
+    placed = spread(cluster, [f"room:{i}" for i in range(15)])
+    hit = placed[victim][:3]
+    spared = placed[first][:2]
+    async with open_ws(h1.ws_url) as a, open_ws(h2.ws_url) as b, open_ws(h2.ws_url) as c:
+        for ws in (a, b):
+            for i, channel in enumerate(hit):
+                await subscribe(ws, channel, id=i)
+        for i, channel in enumerate(spared):
+            await subscribe(c, channel, id=i)
+
+        cluster.kill(victim)  # never restarted: its replica is promoted
+        await wait_for(lambda: victim not in cluster.masters(), 30, "a replica promoted")
+        for hub in (h1, h2):
+            await wait_for(lambda hub=hub: hub.http_get("/readyz", 0.5)[0] == 200, 30,
+                           "/readyz 200 with the new master")
+        for ws in (a, b):
+            frame = await recv_json(ws, 20)
+            assert frame == {"type": "gap", "channels": sorted(hit)}, frame
+        for channel in hit:
+            assert cluster.spublish(channel, '"promoted"') == 2
+        for ws in (a, b):
+            await expect_messages(ws, [(channel, "promoted") for channel in hit])
+        for channel in spared:
+            assert cluster.spublish(channel, '"spared"') == 1
+            await expect_message(c, channel, "spared")
+        await no_message(c, 0.3)

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -114,9 +115,32 @@ async def wait_for_status(hub, path: str, status: int, timeout: float) -> None:
         await asyncio.sleep(0.05)
 
 
+def metric(hub, name: str) -> float:
+    status, body = hub.http_get("/metrics")
+    assert status == 200
+    match = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", body.decode(), re.MULTILINE)
+    assert match, name
+    return float(match.group(1))
+
+
 async def expect_message(ws, channel: str, data, timeout: float = 5.0) -> None:
     frame = await recv_json(ws, timeout)
     assert frame == {"type": "message", "channel": channel, "data": data}, frame
+
+
+async def expect_messages(ws, expected: list[tuple[str, object]], timeout: float = 5.0) -> None:
+    """The next ``len(expected)`` frames are exactly these messages, each channel's in the
+    given order. Channels on different Redis servers may interleave: no order between them."""
+    frames = [await recv_json(ws, timeout) for _ in expected]
+    assert all(frame["type"] == "message" for frame in frames), frames
+
+    def by_channel(pairs) -> dict[str, list]:
+        out: dict[str, list] = {}
+        for channel, data in pairs:
+            out.setdefault(channel, []).append(data)
+        return out
+
+    assert by_channel((f["channel"], f["data"]) for f in frames) == by_channel(expected)
 
 
 async def test_channels_live_on_their_shard_and_cross_processes(shards, hub_factory):
@@ -135,8 +159,7 @@ async def test_channels_live_on_their_shard_and_cross_processes(shards, hub_fact
             reply = await command(p, op="publish", channel=channel, data={"n": i}, id=100 + i)
             assert reply == {"type": "ack", "id": 100 + i}
         for ws in (a, b):
-            for i, channel in enumerate(CHANNELS):
-                await expect_message(ws, channel, {"n": i})
+            await expect_messages(ws, [(c, {"n": i}) for i, c in enumerate(CHANNELS)])
 
 
 async def test_personal_channels_on_their_shard(shards, hub_factory):
@@ -185,10 +208,9 @@ async def test_publishers_and_cli_with_the_url_list(shards, hub_factory):
                                            text=True, timeout=30)
             assert done.returncode == 0, done.stderr
             assert done.stdout.strip() == ("2" if channel == picked[0] else "1")
-        for via in ("sync", "async", "cli"):
-            for channel in picked:
-                await expect_message(a, channel, {"via": via})
-            await expect_message(b, picked[0], {"via": via})
+        vias = ("sync", "async", "cli")
+        await expect_messages(a, [(c, {"via": via}) for via in vias for c in picked])
+        await expect_messages(b, [(picked[0], {"via": via}) for via in vias])
 
 
 async def test_one_shard_down_affects_only_its_channels(shards, hub_factory):
@@ -213,9 +235,7 @@ async def test_one_shard_down_affects_only_its_channels(shards, hub_factory):
                 for channel in spared:
                     assert await publisher.publish(channel, {"n": n}) == 2
             for ws in (b, c):
-                for n in range(3):
-                    for channel in spared:
-                        await expect_message(ws, channel, {"n": n})
+                await expect_messages(ws, [(ch, {"n": n}) for n in range(3) for ch in spared])
 
             victim.restart()
             for hub in (h1, h2):
@@ -224,11 +244,18 @@ async def test_one_shard_down_affects_only_its_channels(shards, hub_factory):
             assert frame == {"type": "gap", "channels": sorted(hit)}, frame
             for channel in hit:
                 assert await publisher.publish(channel, {"after": True}) == 1
-            for channel in hit:
-                await expect_message(a, channel, {"after": True})
+            await expect_messages(a, [(channel, {"after": True}) for channel in hit])
             for channel in spared:
                 assert await publisher.publish(channel, {"n": 3}) == 2
             for ws in (b, c):  # no gap frame, nothing lost, nothing twice
-                for channel in spared:
-                    await expect_message(ws, channel, {"n": 3})
+                await expect_messages(ws, [(channel, {"n": 3}) for channel in spared])
                 await no_message(ws, 0.3)
+
+
+async def test_reconnect_metric_counts_only_reconnects(shards, hub_factory):
+    hub = hub_factory(*url_args(shards), *PROBE)
+    assert metric(hub, "hub_broker_reconnects_total") == 0
+    shards[0].restart()
+    await wait_for_status(hub, "/readyz", 503, 15)
+    await wait_for_status(hub, "/readyz", 200, 20)
+    assert metric(hub, "hub_broker_reconnects_total") == 1
