@@ -17,8 +17,10 @@ Workers are started with the ``fork`` start method: the supervisor is single-thr
 holds no event loop, socket or Redis connection when it forks, so a fork is safe; it is
 cheap, keeps the logging set up by :mod:`hub.cli`, and needs no pickling of the config.
 ``spawn`` would re-import hub in every worker and leave logging unconfigured there.
-Each worker asks the kernel for SIGTERM when the supervisor dies (Linux
+Each worker asks the kernel for SIGKILL when the supervisor dies (Linux
 ``PR_SET_PDEATHSIG``), so a supervisor killed with SIGKILL leaves no orphan holding the port.
+SIGKILL, not SIGTERM: a worker may already be in its graceful stop (the supervisor was killed
+while waiting for it) and would ignore a second SIGTERM.
 """
 
 from __future__ import annotations
@@ -230,9 +232,9 @@ class _Supervisor:
 
 
 def _die_with_parent(parent: int) -> None:
-    """Ask Linux for SIGTERM when the supervisor dies; exit now if it already has."""
+    """Ask Linux for SIGKILL when the supervisor dies; exit now if it already has."""
     if sys.platform == "linux":
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:
         sys.exit(0)

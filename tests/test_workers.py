@@ -92,7 +92,7 @@ async def start_workers(hub_factory, redis_server, *args: str):
     return hub, pids
 
 
-async def test_workers_share_the_port_and_deliver_across_workers(hub_factory, redis_server):
+async def test_workers_share_the_port_and_deliver_across_workers(redis_server, hub_factory):
     hub, pids = await start_workers(hub_factory, redis_server, "--client-publish", "room*")
     clients = await connect_many(hub.ws_url + "?user=alice", CLIENTS)
     try:
@@ -121,8 +121,8 @@ async def test_workers_share_the_port_and_deliver_across_workers(hub_factory, re
         await close_all(clients)
 
 
-async def test_a_killed_worker_is_restarted(hub_factory, redis_server):
-    hub, pids = await start_workers(hub_factory, redis_server)
+async def test_a_killed_worker_is_restarted(redis_server, hub_factory):
+    hub, pids = await start_workers(redis_server, hub_factory)
     clients = await connect_many(hub.ws_url, CLIENTS)
     reconnected: list[ClientConnection] = []
     try:
@@ -162,7 +162,7 @@ async def test_a_killed_worker_is_restarted(hub_factory, redis_server):
         await close_all(clients + reconnected)
 
 
-async def test_sigterm_stops_every_worker_and_exits_0(hub_factory, redis_server):
+async def test_sigterm_stops_every_worker_and_exits_0(redis_server, hub_factory):
     hub, pids = await start_workers(hub_factory, redis_server, "--shutdown-timeout", "5")
     clients = await connect_many(hub.ws_url, CLIENTS)
     peers = peers_by_worker(pids, hub.port)
@@ -279,13 +279,14 @@ def test_stragglers_are_killed_after_the_shutdown_timeout():
 
 
 def test_a_killed_supervisor_takes_its_workers_along():
-    proc = start_stand_in("sleep")
+    # Workers that ignore SIGTERM, like one already in its graceful stop, must go too.
+    proc = start_stand_in("ignore-term")
     time.sleep(2)
     workers = [psutil.Process(p.pid) for p in psutil.Process(proc.pid).children()]
     assert len(workers) == 2
     proc.kill()
     proc.communicate(timeout=10)
-    # PR_SET_PDEATHSIG: the kernel sends each worker SIGTERM when the supervisor dies.
+    # PR_SET_PDEATHSIG: the kernel SIGKILLs each worker when the supervisor dies.
     def exited(worker: psutil.Process) -> bool:
         try:
             return worker.status() == psutil.STATUS_ZOMBIE  # not reaped by init: gone too
