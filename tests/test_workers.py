@@ -122,7 +122,7 @@ async def test_workers_share_the_port_and_deliver_across_workers(redis_server, h
 
 
 async def test_a_killed_worker_is_restarted(redis_server, hub_factory):
-    hub, pids = await start_workers(redis_server, hub_factory)
+    hub, pids = await start_workers(hub_factory, redis_server)
     clients = await connect_many(hub.ws_url, CLIENTS)
     reconnected: list[ClientConnection] = []
     try:
