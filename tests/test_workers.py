@@ -283,10 +283,7 @@ def test_a_killed_supervisor_takes_its_workers_along():
     proc = start_stand_in("ignore-term")
     time.sleep(2)
     workers = [psutil.Process(p.pid) for p in psutil.Process(proc.pid).children()]
-    assert len(workers) == 2
-    proc.kill()
-    proc.communicate(timeout=10)
-    # PR_SET_PDEATHSIG: the kernel SIGKILLs each worker when the supervisor dies.
+
     def exited(worker: psutil.Process) -> bool:
         try:
             return worker.status() == psutil.STATUS_ZOMBIE  # not reaped by init: gone too
@@ -294,6 +291,10 @@ def test_a_killed_supervisor_takes_its_workers_along():
             return True
 
     try:
+        assert len(workers) == 2
+        proc.kill()
+        proc.wait(10)  # not communicate(): surviving workers would hold its stderr open
+        # PR_SET_PDEATHSIG: the kernel SIGKILLs each worker when the supervisor dies.
         deadline = time.monotonic() + 10
         while not all(exited(w) for w in workers) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -302,6 +303,8 @@ def test_a_killed_supervisor_takes_its_workers_along():
         for worker in workers:
             if not exited(worker):
                 worker.kill()
+        proc.kill()
+        proc.communicate(timeout=10)
 
 
 def test_restart_delay_is_capped_exponential_with_jitter():
