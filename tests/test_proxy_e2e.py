@@ -24,12 +24,14 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import redis.asyncio
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from tests.conftest import free_port, wait_until
 from tests.test_deploy_files import HAPROXY, NGINX, nginx_command, render_haproxy, write_nginx
+from tests.test_workers import until
 from tests.wsutil import open_ws
 
 CLIENTS = 300
@@ -155,23 +157,14 @@ def proxy(tmp_path) -> Iterator[Callable[[str, list[int]], int]]:
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
+            for child in psutil.Process(proc.pid).children(recursive=True):  # nginx workers
+                child.kill()
             proc.kill()
             proc.wait(10)
 
 
 def _read(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
-
-
-async def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Wait (without blocking the event loop) until ``predicate()``; fail after ``timeout`` s."""
-    async def poll() -> None:
-        while not predicate():
-            await asyncio.sleep(0.05)
-    try:
-        await asyncio.wait_for(poll(), timeout)
-    except TimeoutError:
-        raise AssertionError(f"timed out after {timeout} s waiting for {what}") from None
 
 
 async def failover(kind: str, proxy, redis_server, hub_factory) -> None:
