@@ -119,7 +119,12 @@ class ClusterBroker(Broker):
         return link is not None and channel in link.live
 
     async def subscribe(self, channel: str, timeout: float) -> None:
-        """SSUBSCRIBE on the master of the channel's slot; see :meth:`Broker.subscribe`."""
+        """Return once the master of the channel's slot confirms ``SSUBSCRIBE <prefix><channel>``
+        (https://redis.io/docs/latest/commands/ssubscribe/). Idempotent.
+
+        Raises :class:`BrokerUnavailable` if that takes more than ``timeout`` seconds; the
+        channel then stays wanted and is subscribed once its master is reachable.
+        """
         self._want.add(channel)
         if self.is_live(channel):
             return
@@ -134,6 +139,8 @@ class ClusterBroker(Broker):
                                     f"{channel!r} in {timeout:g}s") from None
 
     async def unsubscribe(self, channel: str) -> None:
+        """``SUNSUBSCRIBE`` (https://redis.io/docs/latest/commands/sunsubscribe/). Idempotent;
+        never raises: a lost link forgets its subscriptions anyway."""
         self._want.discard(channel)
         self._waiters.pop(channel, None)
         self.lost.discard(channel)
@@ -143,7 +150,13 @@ class ClusterBroker(Broker):
             await link.send("sunsubscribe", self.key(channel))
 
     async def publish(self, channel: str, payload: bytes) -> int:
-        """SPUBLISH to the owner of the channel's slot, following one ``MOVED``."""
+        """``SPUBLISH <prefix><channel> <payload>`` on the master of the channel's slot
+        (https://redis.io/docs/latest/commands/spublish/), following one ``MOVED``.
+
+        Returns SPUBLISH's reply: the number of hub processes subscribed to the channel.
+        Raises :class:`BrokerUnavailable` if that master has no confirmed link, or the
+        command fails or takes more than ``probe_timeout`` seconds.
+        """
         key = self.key(channel)
         node = self._slots[key_slot(key)]
         for _ in range(2):
