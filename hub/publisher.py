@@ -29,10 +29,12 @@ from .sharding import shard_index
 __all__ = ["Publisher", "AsyncPublisher"]
 
 
-def _urls(redis_url: str | Sequence[str]) -> list[str]:
+def _urls(redis_url: str | Sequence[str], cluster: bool) -> list[str]:
     urls = [redis_url] if isinstance(redis_url, str) else list(redis_url)
     if not urls:
         raise ValueError("at least one Redis URL is needed")
+    if cluster and len(urls) > 1:
+        raise ValueError("cluster=True takes one seed URL")
     return urls
 
 
@@ -52,14 +54,15 @@ class Publisher:
     ``publish(channel, data) -> int`` and ``publish_to_user(user_id, data) -> int`` return the
     number of hub processes that received the message (PUBLISH's reply: 0 when no hub has a
     subscriber). ``data`` is any JSON-serialisable value. Raises ValueError for an invalid
-    channel name or data before anything is sent, and redis-py's ConnectionError or
+    channel name or data before anything is sent (and at construction for no URL, or for
+    several URLs with ``cluster=True``), and redis-py's ConnectionError or
     TimeoutError when Redis cannot be reached.
     """
 
     def __init__(self, redis_url: str | Sequence[str], prefix: str = "hub:", *,
                  cluster: bool = False, socket_timeout: float = 5.0) -> None:
         self.prefix = prefix
-        urls = _urls(redis_url)
+        urls = _urls(redis_url, cluster)
         self.cluster = cluster
         if cluster:
             self._clients: list[Any] = [RedisCluster.from_url(urls[0],
@@ -99,7 +102,7 @@ class AsyncPublisher:
     def __init__(self, redis_url: str | Sequence[str], prefix: str = "hub:", *,
                  cluster: bool = False, socket_timeout: float = 5.0) -> None:
         self.prefix = prefix
-        urls = _urls(redis_url)
+        urls = _urls(redis_url, cluster)
         self.cluster = cluster
         if cluster:
             self._clients: list[Any] = [AsyncRedisCluster.from_url(
