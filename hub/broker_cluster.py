@@ -43,7 +43,7 @@ from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from redis.exceptions import AskError, RedisError, ResponseError
 
-from .broker import Broker, OnGap, OnMessage
+from .broker import Broker, OnGap, OnMessage, stop_task
 from .broker_redis import BACKOFF_BASE, BACKOFF_CAP, MIN_DELAY, redact_url
 from .config import Config
 from .exceptions import BrokerUnavailable
@@ -104,9 +104,7 @@ class ClusterBroker(Broker):
         self._task = asyncio.create_task(self._run(), name=f"redis-cluster {self.name}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await stop_task(self._task)
         links, self.links = list(self.links.values()), {}
         await asyncio.gather(*(link.stop() for link in links))
 
@@ -329,9 +327,7 @@ class _Link:
         self._task = asyncio.create_task(self._run(), name=f"redis-cluster-link {self.name}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await stop_task(self._task)
         await self._teardown()
 
     async def send(self, command: str, key: bytes) -> None:

@@ -34,7 +34,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import RedisError
 
-from .broker import Broker, OnGap, OnMessage
+from .broker import Broker, OnGap, OnMessage, stop_task
 from .config import Config
 from .exceptions import BrokerUnavailable
 from .sharding import shard_index
@@ -92,6 +92,7 @@ class RedisBroker(Broker):
         self._probe_event: asyncio.Event | None = None
         self._barrier: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
         #: Incremented each time a lost link is confirmed again (a reconnect).
         self.reconnects = 0
         #: Called with True/False on every change of :attr:`connected`.
@@ -104,12 +105,9 @@ class RedisBroker(Broker):
         self._task = asyncio.create_task(self._run(), name=f"redis-broker {self.name}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        self._closing = True
+        if not await stop_task(self._task):
+            logger.warning("redis %s: the broker task did not stop", self.name)
         await self._teardown()
 
     @property
@@ -165,7 +163,7 @@ class RedisBroker(Broker):
     async def _run(self) -> None:
         failures = 0
         was_ready = False
-        while True:
+        while not self._closing:
             try:
                 await self._session(was_ready)
             except asyncio.CancelledError:
@@ -184,6 +182,8 @@ class RedisBroker(Broker):
             if self._ready:
                 failures = 0
             await self._teardown()
+            if self._closing:
+                return
             failures += 1
             await asyncio.sleep(max(MIN_DELAY, self._backoff.compute(failures)))
 

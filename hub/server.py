@@ -134,7 +134,10 @@ class Hub:
             await asyncio.wait_for(self.server.wait_closed(), 2.0)
         except TimeoutError:
             logger.warning("some connection handlers did not finish")
-        await self.node.stop()
+        try:
+            await asyncio.wait_for(self.node.stop(), 5.0)
+        except TimeoutError:
+            logger.warning("the broker did not close within 5 s")
         logger.info("stopped")
 
     # -- handshake -------------------------------------------------------------------------
