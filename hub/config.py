@@ -41,13 +41,15 @@ class Option:
 
 
 def env_name(name: str) -> str:
-    """The environment variable of option ``name``: ``max_buffer_bytes`` -> ``HUB_MAX_BUFFER_BYTES``."""
+    """The environment variable of option ``name``: ``max_buffer_bytes`` gives
+    ``HUB_MAX_BUFFER_BYTES``."""
     return "HUB_" + name.upper()
 
 
 OPTIONS: tuple[Option, ...] = (
     Option("host", str, "127.0.0.1", "interface to listen on"),
-    Option("port", int, 8765, "TCP port for WebSocket (/ws) and HTTP (/healthz, /readyz, /metrics)"),
+    Option("port", int, 8765,
+           "TCP port for WebSocket (/ws) and HTTP (/healthz, /readyz, /metrics)"),
     Option("redis_url", str, (), "Redis URL; repeat to shard channels over several Redis "
            "instances; none: the embedded in-process broker", repeat=True),
     Option("redis_cluster", bool, False, "treat --redis-url as a seed node of a Redis Cluster "
@@ -64,9 +66,11 @@ OPTIONS: tuple[Option, ...] = (
            choices=("debug", "info", "warning", "error")),
     Option("workers", int, 1, "worker processes sharing the port (SO_REUSEPORT); >1 needs Redis"),
     # Limits
-    Option("max_connections", int, 10000, "connections per process; past it the handshake gets 503"),
+    Option("max_connections", int, 10000,
+           "connections per process; past it the handshake gets 503"),
     Option("max_subscriptions", int, 128, "channel subscriptions per connection"),
-    Option("max_message_bytes", int, 65536, "largest client frame in bytes; larger closes with 1009"),
+    Option("max_message_bytes", int, 65536,
+           "largest client message in bytes; larger closes with 1009"),
     Option("max_buffer_bytes", int, 1048576, "per-connection write buffer in bytes above which a "
            "slow consumer is closed with 4008"),
     Option("rate_limit", float, 100.0, "client commands per second per connection (token bucket, "

@@ -84,8 +84,9 @@ def parse_command(frame: str | bytes) -> Command:
 
     ``frame`` is the message as websockets returns it: ``str`` for a text frame, ``bytes`` for a
     binary one. Raises :class:`ProtocolError` with code ``bad_request`` (binary frame, invalid
-    JSON, nesting deeper than 1024 levels (orjson's limit since 3.9.15), not an object, unknown op, missing or
-    wrong-typed field) or ``bad_channel``; the error carries the command's id when it was read.
+    JSON, nesting deeper than 1024 levels (orjson's limit since 3.9.15), not an object,
+    unknown op, missing or wrong-typed field) or ``bad_channel``; the error carries the
+    command's id when it was read.
     """
     if isinstance(frame, bytes):
         raise ProtocolError("bad_request", "binary frames are not accepted; send JSON text")

@@ -22,8 +22,8 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import RedisCluster
 
-from .protocol import check_channel, encode_data, personal_channel
 from .exceptions import ProtocolError
+from .protocol import check_channel, encode_data, personal_channel
 from .sharding import shard_index
 
 __all__ = ["Publisher", "AsyncPublisher"]

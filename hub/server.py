@@ -22,6 +22,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.typing import Origin
 
 from .auth import Identity, identify, verify_token
 from .config import Config
@@ -29,8 +30,16 @@ from .exceptions import AuthError, BrokerUnavailable, ProtocolError
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .node import SLOW_CLOSE_TIMEOUT, Node
 from .protocol import (
-    CLOSE_GOING_AWAY, CLOSE_RATE_LIMITED, CLOSE_TOKEN_EXPIRED, Command, ack_frame,
-    channel_matches, error_frame, parse_command, personal_channel, pong_frame,
+    CLOSE_GOING_AWAY,
+    CLOSE_RATE_LIMITED,
+    CLOSE_TOKEN_EXPIRED,
+    Command,
+    ack_frame,
+    channel_matches,
+    error_frame,
+    parse_command,
+    personal_channel,
+    pong_frame,
 )
 
 __all__ = ["Hub", "HubConnection", "run"]
@@ -95,13 +104,16 @@ class Hub:
         elif len(cfg.jwt_secret.encode()) < 32:
             logger.warning("--jwt-secret is shorter than 32 bytes; HS256 wants at least 32")
         await self.node.start()
-        origins = [*cfg.allowed_origin, None] if cfg.allowed_origin else None
+        origins = [Origin(o) for o in cfg.allowed_origin] if cfg.allowed_origin else None
+        # serve() hands our create_connection subclass to these callbacks; its signature
+        # only says ServerConnection, hence the ignores.
         self.server = await serve(
-            self._handler, cfg.host, cfg.port,
+            self._handler,  # type: ignore[arg-type]
+            cfg.host, cfg.port,
             create_connection=self._connection_class,
-            process_request=self._process_request,
-            process_response=self._process_response,
-            origins=origins,
+            process_request=self._process_request,  # type: ignore[arg-type]
+            process_response=self._process_response,  # type: ignore[arg-type]
+            origins=[*origins, None] if origins else None,
             compression="deflate" if cfg.compression == "deflate" else None,
             max_size=cfg.max_message_bytes,
             ping_interval=cfg.ping_interval or None,

@@ -9,8 +9,15 @@ import pytest
 
 from hub.exceptions import ProtocolError
 from hub.protocol import (
-    Command, ack_frame, channel_matches, check_channel, error_frame, gap_frame, message_frame,
-    parse_command, payload_to_json,
+    Command,
+    ack_frame,
+    channel_matches,
+    check_channel,
+    error_frame,
+    gap_frame,
+    message_frame,
+    parse_command,
+    payload_to_json,
 )
 
 

@@ -13,7 +13,6 @@ import json
 import time
 
 import jwt
-import orjson
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from websockets.exceptions import ConnectionClosed, InvalidStatus
