@@ -31,20 +31,24 @@ https://redis.io/docs/latest/commands/spublish/).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
 from collections import defaultdict
 from urllib.parse import urlsplit, urlunsplit
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from redis.exceptions import AskError, RedisError, ResponseError
 
 from .broker import Broker, OnGap, OnMessage, stop_task
-from .broker_redis import BACKOFF_BASE, BACKOFF_CAP, MIN_DELAY, redact_url
+from .broker_redis import (
+    BACKOFF_BASE,
+    BACKOFF_CAP,
+    MIN_DELAY,
+    PubSubLink,
+    no_retry_client,
+    redact_url,
+)
 from .config import Config
 from .exceptions import BrokerUnavailable
 
@@ -106,7 +110,7 @@ class ClusterBroker(Broker):
     async def stop(self) -> None:
         await stop_task(self._task)
         links, self.links = list(self.links.values()), {}
-        await asyncio.gather(*(link.stop() for link in links))
+        await asyncio.gather(*(link.stop_link() for link in links))
 
     @property
     def connected(self) -> bool:
@@ -267,11 +271,11 @@ class ClusterBroker(Broker):
         masters = {node for node in slots if node is not None}
         for node in set(self.links) - masters:
             logger.info("redis cluster %s: %s no longer serves slots", self.name, node)
-            await self.links.pop(node).stop()
+            await self.links.pop(node).stop_link()
         for node in masters - set(self.links):
             host, _, port = node.rpartition(":")
             link = self.links[node] = _Link(self, node, node_url(self.seed_url, host, int(port)))
-            link.start()
+            link.start_link()
         self.state_changed()
         for channel in list(self._want):
             await self._place(channel)
@@ -282,7 +286,7 @@ class ClusterBroker(Broker):
         urls = [link.url for link in self.links.values() if link.ready] + [self.seed_url]
         error: Exception | None = None
         for url in urls:
-            client = _client(url, self.timeout)
+            client = no_retry_client(url, self.timeout)
             try:
                 reply = await asyncio.wait_for(client.execute_command("CLUSTER", "SLOTS"),
                                                self.timeout)
@@ -300,179 +304,56 @@ class ClusterBroker(Broker):
         raise ConnectionError(f"no node answered CLUSTER SLOTS: {error}")
 
 
-def _client(url: str, timeout: float) -> aioredis.Redis:
-    """A client without redis-py retries: a failure raises and the broker decides."""
-    return aioredis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), socket_timeout=timeout,
-                                   socket_connect_timeout=timeout, health_check_interval=0)
+class _Link(PubSubLink):
+    """The sharded pub/sub and command connections to one master, rebuilt when lost."""
 
-
-class _Link:
-    """The pub/sub and command connections to one master, rebuilt when lost."""
+    SUBSCRIBE = "ssubscribe"
+    UNSUBSCRIBE = "sunsubscribe"
+    PUBLISH = "spublish"
+    MESSAGE = "smessage"
 
     def __init__(self, broker: ClusterBroker, node: str, url: str) -> None:
+        super().__init__(url, broker.prefix, broker.probe_interval, broker.timeout,
+                         broker.on_message)
         self.broker = broker
         self.node = node
-        self.url = url
-        self.name = redact_url(url)
-        self.live: set[str] = set()
-        self.ready = False
-        self.client: aioredis.Redis | None = None
-        self.pubsub: aioredis.client.PubSub | None = None
-        self._probe_seen = 0
-        self._probe_event = asyncio.Event()
-        self._barrier: asyncio.Future[None] | None = None
-        self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=f"redis-cluster-link {self.name}")
+    def probe_key(self) -> bytes:
+        return self.broker.probe_channel(self.node)
 
-    async def stop(self) -> None:
-        await stop_task(self._task)
-        await self._teardown()
+    def channels_to_subscribe(self) -> set[str]:
+        return set(self.broker.channels_of(self))
 
-    async def send(self, command: str, key: bytes) -> None:
-        """SSUBSCRIBE/SUNSUBSCRIBE on the current connection, if any; a failure is left to
-        the reader and the probe, which rebuild the link and resubscribe."""
-        pubsub = self.pubsub
-        if pubsub is None:
-            return
-        try:
-            await getattr(pubsub, command)(key)
-        except (RedisError, OSError) as exc:
-            logger.debug("redis %s: %s %r failed: %s", self.name, command, key, exc)
-
-    async def _run(self) -> None:
-        failures = 0
-        had_link = False
-        while True:
-            try:
-                await self._session(had_link)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - any failure means: rebuild the link
-                reason = f"{type(exc).__name__}: {exc}"
-                if self.ready:
-                    logger.warning("redis %s: link lost (%s); reconnecting", self.name, reason)
-                elif failures == 0:
-                    logger.warning("redis %s: cannot connect (%s); retrying with backoff",
-                                   self.name, reason)
-                else:
-                    logger.debug("redis %s: still down (%s)", self.name, reason)
-            had_link = had_link or self.ready
-            if self.ready:
-                failures = 0
-            await self._teardown()
-            self.broker.dirty.set()  # a replica may have taken over
-            failures += 1
-            await asyncio.sleep(max(MIN_DELAY, self.broker.backoff.compute(failures)))
-
-    async def _session(self, had_link: bool) -> None:
-        broker = self.broker
-        client = self.client = _client(self.url, broker.timeout)
-        pubsub = client.pubsub()
-        probe = broker.probe_channel(self.node)
-        await asyncio.wait_for(pubsub.ssubscribe(probe), broker.timeout)
-        self.pubsub = pubsub
+    def group_keys(self, keys: list[bytes]) -> list[list[bytes]]:
+        """One SSUBSCRIBE per slot, or Redis answers CROSSSLOT."""
         by_slot: defaultdict[int, list[bytes]] = defaultdict(list)
-        for channel in broker.channels_of(self):
-            key = broker.key(channel)
+        for key in keys:
             by_slot[key_slot(key)].append(key)
-        for keys in by_slot.values():  # one slot per SSUBSCRIBE, or Redis answers CROSSSLOT
-            await asyncio.wait_for(pubsub.ssubscribe(*keys), broker.timeout)
-        self._barrier = asyncio.get_running_loop().create_future()
-        token = uuid.uuid4().hex
-        tasks = {asyncio.create_task(self._read(pubsub, probe, token))}
-        try:
-            await asyncio.wait_for(pubsub.ping(token), broker.timeout)
-            done, _ = await asyncio.wait({*tasks, self._barrier}, timeout=broker.confirm_timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
-            for task in done & tasks:
-                task.result()
-            if not self._barrier.done():
-                raise TimeoutError(f"no PING reply within {broker.confirm_timeout:g}s")
-            self.ready = True
-            logger.info("redis %s: connected, %d channels subscribed", self.name, len(self.live))
-            if had_link:
-                broker.reconnects += 1
-            broker.state_changed()
-            gap = self.live & broker.lost
-            if gap:
-                broker.lost -= gap
-                broker.on_gap(sorted(gap))
-            tasks.add(asyncio.create_task(self._probe(client, probe)))
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                task.result()
-            raise ConnectionError("reader stopped")
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        return list(by_slot.values())
 
-    async def _read(self, pubsub: aioredis.client.PubSub, probe: bytes, token: str) -> None:
-        """The one reader of the link. Hands messages to ``on_message`` without awaiting."""
+    def confirmed(self, channel: str) -> None:
+        self.broker.confirmed(self, channel)
+
+    def dropped(self, channel: str) -> None:
+        self.broker.dropped(self, channel)
+
+    def refused(self, exc: ResponseError) -> None:
+        """An SSUBSCRIBE refused (MOVED, CLUSTERDOWN, ...): read the slot map again."""
+        logger.debug("redis %s: %s", self.name, exc)
+        self.broker.dirty.set()
+
+    def became_ready(self, had_link: bool) -> None:
         broker = self.broker
-        on_message = broker.on_message
-        plen = len(broker.prefix)
-        while True:
-            try:
-                msg = await pubsub.get_message(timeout=None)
-            except ResponseError as exc:  # an SSUBSCRIBE refused: MOVED, CLUSTERDOWN, ...
-                logger.debug("redis %s: %s", self.name, exc)
-                broker.dirty.set()
-                continue
-            if msg is None:
-                continue
-            kind = msg["type"]
-            if kind == "smessage":
-                name = msg["channel"]
-                if name == probe:
-                    self._probe_seen = int(msg["data"])
-                    self._probe_event.set()
-                    continue
-                try:
-                    on_message(name[plen:].decode(), msg["data"])
-                except Exception:  # one bad message must not deafen the hub
-                    logger.exception("redis %s: delivery failed", self.name)
-            elif kind == "ssubscribe":
-                broker.confirmed(self, msg["channel"][plen:].decode(errors="replace"))
-            elif kind == "sunsubscribe":
-                broker.dropped(self, msg["channel"][plen:].decode(errors="replace"))
-            elif kind == "pong":
-                data = msg["data"]
-                if isinstance(data, bytes):
-                    data = data.decode(errors="replace")
-                if data == token and self._barrier is not None and not self._barrier.done():
-                    self._barrier.set_result(None)
+        if had_link:
+            broker.reconnects += 1
+        broker.state_changed()
+        gap = self.live & broker.lost
+        if gap:
+            broker.lost -= gap
+            broker.on_gap(sorted(gap))
 
-    async def _probe(self, client: aioredis.Redis, probe: bytes) -> None:
-        """SPUBLISH a sequence number to our probe channel; it must come back in time."""
-        loop = asyncio.get_running_loop()
-        seq = self._probe_seen
-        timeout = self.broker.timeout
-        while True:
-            await asyncio.sleep(self.broker.probe_interval)
-            seq += 1
-            deadline = loop.time() + timeout
-            try:
-                await asyncio.wait_for(client.spublish(probe, str(seq)), timeout)
-                while self._probe_seen < seq:
-                    self._probe_event.clear()
-                    await asyncio.wait_for(self._probe_event.wait(),
-                                           max(0.0, deadline - loop.time()))
-            except TimeoutError:
-                raise TimeoutError("liveness probe timed out") from None
-
-    async def _teardown(self) -> None:
-        was_ready = self.ready
-        self.ready = False
+    def lost(self, was_ready: bool) -> None:
         self.broker.lost |= self.live
-        self.live.clear()
-        pubsub, client = self.pubsub, self.client
-        self.pubsub = self.client = None
+        self.broker.dirty.set()  # a replica may have taken over
         if was_ready:
             self.broker.state_changed()
-        for closer in (pubsub, client):
-            if closer is not None:
-                with contextlib.suppress(Exception):  # the link is being thrown away
-                    await asyncio.wait_for(closer.aclose(), 1.0)
