@@ -29,13 +29,17 @@ from .sharding import shard_index
 __all__ = ["Publisher", "AsyncPublisher"]
 
 
-def _urls(redis_url: str | Sequence[str], cluster: bool) -> list[str]:
+def _clients(redis_url: str | Sequence[str], cluster: bool, socket_timeout: float,
+             cluster_class: Any, client_class: Any) -> list[Any]:
+    """One client per shard URL, or one cluster client; ValueError for a bad URL list."""
     urls = [redis_url] if isinstance(redis_url, str) else list(redis_url)
     if not urls:
         raise ValueError("at least one Redis URL is needed")
-    if cluster and len(urls) > 1:
-        raise ValueError("cluster=True takes one seed URL")
-    return urls
+    if cluster:
+        if len(urls) > 1:
+            raise ValueError("cluster=True takes one seed URL")
+        return [cluster_class.from_url(urls[0], socket_timeout=socket_timeout)]
+    return [client_class.from_url(url, socket_timeout=socket_timeout) for url in urls]
 
 
 def _message(channel: str, data: Any, prefix: str) -> tuple[bytes, bytes]:
@@ -62,14 +66,8 @@ class Publisher:
     def __init__(self, redis_url: str | Sequence[str], prefix: str = "hub:", *,
                  cluster: bool = False, socket_timeout: float = 5.0) -> None:
         self.prefix = prefix
-        urls = _urls(redis_url, cluster)
         self.cluster = cluster
-        if cluster:
-            self._clients: list[Any] = [RedisCluster.from_url(urls[0],
-                                                              socket_timeout=socket_timeout)]
-        else:
-            self._clients = [redis.Redis.from_url(u, socket_timeout=socket_timeout)
-                             for u in urls]
+        self._clients = _clients(redis_url, cluster, socket_timeout, RedisCluster, redis.Redis)
 
     def publish(self, channel: str, data: Any) -> int:
         name, payload = _message(channel, data, self.prefix)
@@ -102,15 +100,9 @@ class AsyncPublisher:
     def __init__(self, redis_url: str | Sequence[str], prefix: str = "hub:", *,
                  cluster: bool = False, socket_timeout: float = 5.0) -> None:
         self.prefix = prefix
-        urls = _urls(redis_url, cluster)
         self.cluster = cluster
-        if cluster:
-            self._clients: list[Any] = [AsyncRedisCluster.from_url(
-                urls[0], socket_timeout=socket_timeout)]
-        else:
-            self._clients = [aioredis.Redis.from_url(u, socket_timeout=socket_timeout)
-                             for u in urls]
-
+        self._clients = _clients(redis_url, cluster, socket_timeout, AsyncRedisCluster,
+                                 aioredis.Redis)
     async def publish(self, channel: str, data: Any) -> int:
         name, payload = _message(channel, data, self.prefix)
         if self.cluster:
