@@ -252,15 +252,21 @@ class Hub:
             async for frame in conn:
                 if conn.dropping:  # being closed by the hub: let that close finish
                     continue
-                reply = await self._command(conn, frame)
-                if reply is not None:
-                    await conn.send(reply, text=True)
+                await self._serve_frame(conn, frame)
+                # An idle connection waits here; hold nothing of the last command while it
+                # does (orjson's reply buffers are about 4 KiB each).
+                del frame
         except ConnectionClosed:
             pass
         finally:
             self.node.detach(conn)
             logger.info("close user=%s remote=%s code=%s", conn.user, remote,
                         conn.close_code)
+
+    async def _serve_frame(self, conn: HubConnection, frame: str | bytes) -> None:
+        reply = await self._command(conn, frame)
+        if reply is not None:
+            await conn.send(reply, text=True)
 
     def _allow(self, conn: HubConnection) -> bool:
         """Token bucket: True if this command may run."""
