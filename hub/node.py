@@ -3,7 +3,8 @@
 One message's way: the broker hands ``(channel, payload)`` to :meth:`Node.deliver`, which
 looks the channel up in the registry, returns at once if nobody local listens, builds the
 delivery frame once, and writes it to every local subscriber with one ``broadcast()`` call;
-then it checks the write buffers and drops slow consumers (close code 4008).
+a connection whose write buffer passes the limit on the way is dropped right after as a slow
+consumer (close code 4008).
 
 The registry decides the broker subscriptions: the broker subscribes a channel when its first
 local connection subscribes and unsubscribes it when the last one leaves, so ``PUBSUB NUMSUB``
@@ -65,7 +66,6 @@ class Node:
         self.broker = broker or create_broker(config, self.deliver, self.signal_gap)
         self.broker.on_message = self.deliver
         self.broker.on_gap = self.signal_gap
-        self._max_buffer = config.max_buffer_bytes
         self._locks: dict[str, list[Any]] = {}  # channel -> [Lock, users]
         self._tasks: set[asyncio.Task[Any]] = set()
         self.metrics.bind(
@@ -99,22 +99,17 @@ class Node:
         if not conns:
             return
         frame = message_frame(orjson.dumps(channel), payload_to_json(payload))
+        # A connection whose write buffer passes --max-buffer-bytes during this call is
+        # reported by its transport (pause_writing) and dropped right after: see
+        # HubConnection.pause_writing. No per-recipient check here.
         broadcast(conns, frame, text=True)
         self.metrics.deliveries.inc(len(conns))
-        limit = self._max_buffer
-        slow = None
-        for conn in conns:
-            if conn.transport.get_write_buffer_size() > limit:
-                if slow is None:
-                    slow = []
-                slow.append(conn)
-        if slow:
-            for conn in slow:
-                self.drop_slow_consumer(conn)
 
     def drop_slow_consumer(self, conn: Conn) -> None:
-        """Stop sending to ``conn`` now and close it with 4008 (abort if that stalls)."""
-        if conn.dropping:
+        """Stop sending to ``conn`` now and close it with 4008 (abort if that stalls).
+
+        Call it outside a broadcast: it removes ``conn`` from the registry's sets."""
+        if conn.dropping or conn not in self.registry.channels_of:
             return
         logger.warning("closing slow consumer user=%s buffer=%d bytes", conn.user,
                        conn.transport.get_write_buffer_size())

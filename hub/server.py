@@ -75,6 +75,14 @@ class HubConnection(ServerConnection):
         super().connection_lost(exc)
         self.hub.forget(self)
 
+    def pause_writing(self) -> None:
+        """The transport's write buffer passed ``--max-buffer-bytes`` (its high-water mark):
+        a slow consumer. Called from inside ``transport.write()``, possibly in the middle of
+        a broadcast, so the drop runs on the next loop iteration."""
+        super().pause_writing()
+        if not self.dropping:
+            self.loop.call_soon(self.hub.node.drop_slow_consumer, self)
+
 
 class Hub:
     """One hub process: the node plus the WebSocket server around it."""
@@ -119,6 +127,10 @@ class Hub:
             ping_interval=cfg.ping_interval or None,
             ping_timeout=cfg.ping_interval or None,
             close_timeout=CLOSE_TIMEOUT,
+            # The write buffer's high-water mark is the slow-consumer limit: the transport
+            # calls pause_writing() when a connection passes it (websockets' send() also
+            # waits for the buffer to fall below it).
+            write_limit=cfg.max_buffer_bytes,
             server_header=None,
             reuse_port=reuse_port or None,
         )
