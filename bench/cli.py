@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-uvloop", action="store_true",
                    help="default asyncio loop for the clients, the publisher and the "
                         "ceiling and socketio servers (the hub picks its own)")
+    p.add_argument("--client", choices=("lean", "websockets"), default="lean",
+                   help="load-generator client: lean (bench/lean.py, ~4x less CPU per "
+                        "delivery) or websockets (the library's asyncio client) (default lean)")
     p.add_argument("--save-latencies", action="store_true",
                    help="also write every run's latencies (and publish times) to "
                         "OUT/logs/lat-<stack>-<N>-<rate>.npz")
@@ -161,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
                             loadgen_procs=args.loadgen_procs,
                             connect_concurrency=args.connect_concurrency,
                             redis_url=redis_url, redis_pid=redis_pid, logdir=logdir,
-                            uvloop=not args.no_uvloop, save_latencies=args.save_latencies,
+                            uvloop=not args.no_uvloop, client=args.client,
+                            save_latencies=args.save_latencies,
                             log=log)
         run_no = 0
         matrix = [(k, n, name) for k in range(args.repeat) for n in clients for name in names]

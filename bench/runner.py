@@ -47,6 +47,7 @@ class Settings:
     redis_pid: int | None  # our own redis-server, for its CPU figure
     logdir: str
     uvloop: bool = True
+    client: str = "lean"  # load-generator client: "lean" (bench.lean) or "websockets"
     save_latencies: bool = False  # write every run's latencies to logdir/lat-*.npz
     log: Callable[[str], None] = field(default=print)
 
@@ -129,7 +130,7 @@ def run_session(stack: Stack, clients: int, rates: list[float], first_run: int,
             parent, child = ctx.Pipe()
             p = ctx.Process(target=worker_main, daemon=True,
                             args=(child, stack.protocol, stack.urls(port), indexes,
-                                  s.connect_concurrency, 30.0, s.uvloop))
+                                  s.connect_concurrency, 30.0, s.uvloop, s.client))
             p.start()
             child.close()
             workers.append((p, parent))

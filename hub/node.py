@@ -2,9 +2,9 @@
 
 One message's way: the broker hands ``(channel, payload)`` to :meth:`Node.deliver`, which
 looks the channel up in the registry, returns at once if nobody local listens, builds the
-delivery frame once, and writes it to every local subscriber with one ``broadcast()`` call;
-a connection whose write buffer passes the limit on the way is dropped right after as a slow
-consumer (close code 4008).
+delivery frame once (JSON text and its RFC 6455 wire bytes), and writes those same bytes to
+every local subscriber (:func:`fan_out`); a connection whose write buffer passes the limit on
+the way is dropped right after as a slow consumer (close code 4008).
 
 The registry decides the broker subscriptions: the broker subscribes a channel when its first
 local connection subscribes and unsubscribes it when the last one leaves, so ``PUBSUB NUMSUB``
@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine, Hashable
+from collections.abc import Coroutine, Hashable, Iterable
 from typing import Any, Protocol
 
 import orjson
 from websockets.asyncio.server import broadcast
+from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
 from .broker import Broker, create_broker
@@ -30,7 +31,7 @@ from .metrics import Metrics
 from .protocol import CLOSE_SLOW_CONSUMER, gap_frame, message_frame, payload_to_json
 from .registry import Registry
 
-__all__ = ["Node", "SUBSCRIBE_TIMEOUT", "SLOW_CLOSE_TIMEOUT"]
+__all__ = ["Node", "SUBSCRIBE_TIMEOUT", "SLOW_CLOSE_TIMEOUT", "fan_out"]
 
 logger = logging.getLogger("hub.node")
 
@@ -49,6 +50,45 @@ class Conn(Hashable, Protocol):
     transport: Any
 
     async def close(self, code: int = 1000, reason: str = "") -> None: ...
+
+
+def fan_out(conns: Iterable[Conn], text: bytes) -> None:
+    """Send the UTF-8 JSON ``text`` as one text message to every open connection of ``conns``.
+
+    The frame is serialized once (``websockets.frames.Frame.serialize``: FIN, opcode 0x1,
+    unmasked, as a server sends it; RFC 6455 section 5.2) and the same bytes are written to
+    each connection's transport. ``websockets``' ``broadcast()`` would build and serialize a
+    ``Frame`` per recipient, which measured about a quarter of the per-delivery CPU (see
+    docs/benchmarks.md). This is sound for the library's asyncio connections because:
+
+    * a connection gets bytes only while ``protocol.state`` is OPEN (as ``broadcast()``
+      checks), so nothing follows a close frame;
+    * the library flushes every frame it makes (``send_data()`` after each ``send_*``), and
+      transports write whole frames in order, so a raw frame never splits one of its frames
+      (pings, pongs, replies); the hub never sends fragmented messages;
+    * a connection with a negotiated extension (permessage-deflate, ``--compression
+      deflate``) needs its own encoded frame: those go through ``broadcast()``.
+
+    A write that raises (transport torn down mid-loop) skips that connection only; its
+    ``connection_lost`` cleans it up. ``conns`` must not change during the call.
+    """
+    wire = None
+    others: list[Conn] = []
+    for conn in conns:
+        protocol = conn.protocol
+        if protocol.state is not State.OPEN:
+            continue
+        if protocol.extensions:
+            others.append(conn)
+            continue
+        if wire is None:
+            wire = Frame(Opcode.TEXT, text).serialize(mask=False, extensions=[])
+        try:
+            conn.transport.write(wire)
+        except Exception as exc:  # noqa: BLE001 - one broken transport never stops fan-out
+            logger.debug("fan-out write failed: %s", exc)
+    if others:
+        broadcast(others, text, text=True)
 
 
 class Node:
@@ -102,7 +142,7 @@ class Node:
         # A connection whose write buffer passes --max-buffer-bytes during this call is
         # reported by its transport (pause_writing) and dropped right after: see
         # HubConnection.pause_writing. No per-recipient check here.
-        broadcast(conns, frame, text=True)
+        fan_out(conns, frame)
         self.metrics.deliveries.inc(len(conns))
 
     def drop_slow_consumer(self, conn: Conn) -> None:

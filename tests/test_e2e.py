@@ -324,3 +324,25 @@ async def test_many_clients_receive_every_message_once_in_order(redis_server, hu
         assert got == list(range(count))
     for ws in clients:
         await ws.close()
+
+
+async def test_fan_out_mixes_compressed_and_plain_connections(redis_server, hub_factory):
+    """One wire frame is shared by the plain connections; a connection that negotiated
+    permessage-deflate gets its own compressed frame (hub.node.fan_out); the others go on
+    after one closes. Every frame is parsed by the websockets client."""
+    hub = hub_factory("--compression", "deflate", redis=redis_server)
+    async with open_ws(hub.ws_url) as plain1, open_ws(hub.ws_url) as plain2, \
+            open_ws(hub.ws_url, compression="deflate") as packed:
+        assert packed.protocol.extensions and not plain1.protocol.extensions
+        for ws in (plain1, plain2, packed):
+            await subscribe(ws, "mix")
+        big = {"text": "x" * 70000}  # 64-bit length field (RFC 6455 section 5.2)
+        with Publisher(redis_server.url) as pub:
+            for data in ({"n": 1}, "y" * 200, big):  # 7-, 16- and 64-bit payload lengths
+                assert pub.publish("mix", data) == 1
+                for ws in (plain1, plain2, packed):
+                    assert await recv_json(ws) == message("mix", data)
+            await plain2.close()
+            assert pub.publish("mix", {"n": 2}) == 1
+            for ws in (plain1, packed):
+                assert await recv_json(ws) == message("mix", {"n": 2})
