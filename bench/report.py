@@ -13,7 +13,7 @@ __all__ = ["aggregate", "ratios", "table", "write_json", "write_plots"]
 SUMMED = ("published", "expected", "received", "lost", "late")
 KEYS = ("stack", "clients", "rate", "run", "repeat")
 
-ORDER = ["ceiling", "socketio", "hub", "hub2"]
+ORDER = ["ceiling", "socketio", "hub", "hub2", "hub-asyncio"]
 
 
 def _rate(rate: float) -> str:
@@ -81,12 +81,14 @@ def ratios(runs: Sequence[dict]) -> str:
     """Deliveries/s and CPU per delivery of each stack against ceiling and socketio.
 
     ``x ceiling`` for deliveries/s is stack / ceiling (higher is better); for CPU it is
-    stack / ceiling too (lower is better). Same for ``x socketio``. ``hub2 / hub`` compares
-    the two hub rows of the same N and rate.
+    stack / ceiling too (lower is better). Same for ``x socketio``. ``x hub`` compares hub2
+    (two workers) and hub-asyncio (no uvloop) with the one-process hub row of the same N
+    and rate.
     """
     by = {(r["stack"], r["clients"], r["rate"]): r for r in runs}
     head = ("| stack | N | rate msg/s | deliveries/s x ceiling | deliveries/s x socketio "
-            "| CPU/delivery x ceiling | CPU/delivery x socketio | deliveries/s hub2 / hub |")
+            "| CPU/delivery x ceiling | CPU/delivery x socketio | deliveries/s x hub "
+            "| CPU/delivery x hub |")
     lines = [head, _rule(head)]
     for r in sorted(runs, key=_key):
         if r["stack"] in ("ceiling",):
@@ -99,8 +101,11 @@ def ratios(runs: Sequence[dict]) -> str:
             other = by.get((ref, r["clients"], r["rate"]))
             cells.append(_div(r["cpu_us_per_delivery"], other and other["cpu_us_per_delivery"]))
         one = by.get(("hub", r["clients"], r["rate"]))
+        versus_hub = one is not None and r["stack"] in ("hub2", "hub-asyncio")
         cells.append(_div(r["deliveries_per_s"], one["deliveries_per_s"])
-                     if r["stack"] == "hub2" and one else "-")
+                     if versus_hub else "-")
+        cells.append(_div(r["cpu_us_per_delivery"], one["cpu_us_per_delivery"])
+                     if versus_hub else "-")
         lines.append(f"| {r['stack']} | {r['clients']} | {_rate(r['rate'])} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -130,7 +135,8 @@ def write_plots(outdir: str, runs: Sequence[dict]) -> list[str]:
 
     ns = sorted({r["clients"] for r in runs})
     stacks = [s for s in ORDER if any(r["stack"] == s for r in runs)]
-    colors = dict(zip(ORDER, ["tab:gray", "tab:red", "tab:blue", "tab:green"], strict=True))
+    colors = dict(zip(ORDER, ["tab:gray", "tab:red", "tab:blue", "tab:green",
+                                  "tab:purple"], strict=True))
     paths = []
 
     fig, axes = plt.subplots(1, len(ns), figsize=(6 * len(ns), 4.5), squeeze=False)
