@@ -19,8 +19,9 @@ C = TypeVar("C", bound=Hashable)
 class Registry(Generic[C]):
     """Maps channel -> set of connections, connection -> set of channels, user -> connections.
 
-    ``by_channel[channel]`` is the very set passed to ``broadcast()``: never mutate it while a
-    broadcast iterates it (broadcast is synchronous, so any await point is safe).
+    ``by_channel[channel]`` is the very set passed to the fan-out (``hub.node.fan_out``):
+    never mutate it while a fan-out iterates it (the fan-out is synchronous, so any await
+    point is safe).
     """
 
     def __init__(self) -> None:
