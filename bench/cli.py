@@ -84,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client", choices=("lean", "websockets"), default="lean",
                    help="load-generator client: lean (bench/lean.py, ~4x less CPU per "
                         "delivery) or websockets (the library's asyncio client) (default lean)")
+    p.add_argument("--burst", action="store_true",
+                   help="stop the load generator (SIGSTOP) while the servers write each "
+                        "run's messages, then let it read them: deliveries/s is the servers' "
+                        "fan-out rate with the cores to themselves (no latencies); use with "
+                        "--rates max and few --messages (50) so backlogs fit socket buffers")
     p.add_argument("--save-latencies", action="store_true",
                    help="also write every run's latencies (and publish times) to "
                         "OUT/logs/lat-<stack>-<N>-<rate>.npz")
@@ -147,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             "stacks": names, "clients": clients, "messages": messages, "rates": rates,
             "size": args.size, "duration_limit": limit, "drain": args.drain,
             "loadgen_procs": args.loadgen_procs, "repeat": args.repeat, "nofile": nofile,
+            "client": args.client, "burst": args.burst,
             "machine": _machine(), "versions": _versions(), "errors": []}
     redis_server = None
     runs: list[dict] = []
@@ -164,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                             loadgen_procs=args.loadgen_procs,
                             connect_concurrency=args.connect_concurrency,
                             redis_url=redis_url, redis_pid=redis_pid, logdir=logdir,
-                            uvloop=not args.no_uvloop, client=args.client,
+                            uvloop=not args.no_uvloop, client=args.client, burst=args.burst,
                             save_latencies=args.save_latencies,
                             log=log)
         run_no = 0

@@ -6,6 +6,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["aggregate", "ratios", "table", "write_json", "write_plots"]
 
@@ -139,6 +140,16 @@ def write_plots(outdir: str, runs: Sequence[dict]) -> list[str]:
                                   "tab:purple"], strict=True))
     paths = []
 
+    timed = [r for r in runs if r.get("p99_ms") is not None and not math.isnan(r["p99_ms"])]
+    if timed:  # burst runs (--burst) measure no latency: no latency plot for them
+        paths.append(_latency_plot(plt, outdir, timed, stacks, colors))
+    paths.append(_throughput_plot(plt, outdir, runs, ns, stacks, colors))
+    return paths
+
+
+def _latency_plot(plt: Any, outdir: str, runs: Sequence[dict], stacks: list[str],
+                  colors: dict[str, str]) -> str:
+    ns = sorted({r["clients"] for r in runs})
     fig, axes = plt.subplots(1, len(ns), figsize=(6 * len(ns), 4.5), squeeze=False)
     for ax, n in zip(axes[0], ns, strict=True):
         fixed = sorted({r["rate"] for r in runs if r["clients"] == n and r["rate"] > 0})
@@ -164,10 +175,14 @@ def write_plots(outdir: str, runs: Sequence[dict]) -> list[str]:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    paths.append(os.path.join(outdir, "latency.png"))
-    fig.savefig(paths[-1], dpi=110)
+    path = os.path.join(outdir, "latency.png")
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+    return path
 
+
+def _throughput_plot(plt: Any, outdir: str, runs: Sequence[dict], ns: list[int],
+                     stacks: list[str], colors: dict[str, str]) -> str:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), squeeze=False)
     width = 0.8 / max(1, len(stacks))
     for ax, field, label in ((axes[0][0], "deliveries_per_s", "deliveries/s at rate max"),
@@ -189,7 +204,7 @@ def write_plots(outdir: str, runs: Sequence[dict]) -> list[str]:
         ax.legend(fontsize=8)
         ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
-    paths.append(os.path.join(outdir, "throughput.png"))
-    fig.savefig(paths[-1], dpi=110)
+    path = os.path.join(outdir, "throughput.png")
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return paths
+    return path

@@ -48,6 +48,10 @@ class Settings:
     logdir: str
     uvloop: bool = True
     client: str = "lean"  # load-generator client: "lean" (bench.lean) or "websockets"
+    # Burst mode: the load generator is stopped (SIGSTOP) while the servers write a run's
+    # messages, so the servers have the cores to themselves; deliveries/s is then the
+    # servers' fan-out rate (see _one_run) and the latency columns are not reported.
+    burst: bool = False
     save_latencies: bool = False  # write every run's latencies to logdir/lat-*.npz
     log: Callable[[str], None] = field(default=print)
 
@@ -209,6 +213,22 @@ def _busy_seconds() -> float:
         t, "guest_nice", 0.0)
 
 
+def _wait_idle(server: list[psutil.Process], limit: float, quiet: float = 0.3) -> float:
+    """``time.time()`` of the last CPU tick of ``server`` before it stayed idle ``quiet`` s.
+
+    Polls user+system CPU (10 ms ticks) every 10 ms, for at most ``limit`` seconds."""
+    last_cpu, last_change = cpu_seconds(server), time.time()
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        time.sleep(0.01)
+        now, cpu = time.time(), cpu_seconds(server)
+        if cpu > last_cpu + 0.005:
+            last_cpu, last_change = cpu, now
+        elif now - last_change >= quiet:
+            break
+    return last_change
+
+
 def _rate(rate: float) -> str:
     return "max" if rate == 0 else f"{rate:g}"
 
@@ -231,8 +251,18 @@ def _one_run(ctx: Any, stack: Stack, run: int, rate: float, connected: int,
         wall0 = time.time()
         peak = _PeakRss(server)
         peak.start()
-        parent.send(("go",))
-        pub_result = _recv(parent, s.duration_limit + 30, "publisher")[1]
+        if s.burst:
+            for p in loadgen:
+                p.suspend()
+        try:
+            parent.send(("go",))
+            pub_result = _recv(parent, s.duration_limit + 30, "publisher")[1]
+            fanout_end = _wait_idle(server, s.drain) if s.burst else None
+        finally:
+            if s.burst:
+                for p in loadgen:
+                    with contextlib.suppress(psutil.Error):
+                        p.resume()
         deadline = time.time() + s.drain
         for conn in workers:
             conn.send(("collect", run, pub_result["published"], deadline, s.quiet))
@@ -258,6 +288,15 @@ def _one_run(ctx: Any, stack: Stack, run: int, rate: float, connected: int,
     lasts = [p["last"] for p in parts if p["last"] is not None]
     span = (max(lasts) - pub_result["first"]) if lasts else 0.0
     pct = np.percentile(lat, [50, 90, 99]) if received else [float("nan")] * 3
+    max_ms = float(lat.max()) if received else float("nan")
+    fanout_s = None
+    if fanout_end is not None:
+        # Burst: the servers wrote every frame between the first publish and the moment
+        # their CPU went idle; the clients read them only afterwards, so latencies measure
+        # the pause, not the servers, and are left out.
+        fanout_s = fanout_end - pub_result["first"]
+        span = fanout_s
+        pct, max_ms = [float("nan")] * 3, float("nan")
     return {
         "run": run,
         "rate": rate,
@@ -272,7 +311,8 @@ def _one_run(ctx: Any, stack: Stack, run: int, rate: float, connected: int,
         "p50_ms": float(pct[0]),
         "p90_ms": float(pct[1]),
         "p99_ms": float(pct[2]),
-        "max_ms": float(lat.max()) if received else float("nan"),
+        "max_ms": max_ms,
+        "burst_fanout_s": fanout_s,
         "wall_s": wall1 - wall0,
         "server_cpu_s": cpu1 - cpu0,
         "cpu_us_per_delivery": (cpu1 - cpu0) / received * 1e6 if received else float("nan"),

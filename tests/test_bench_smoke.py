@@ -50,3 +50,26 @@ def test_bench_runs_and_loses_nothing(tmp_path) -> None:
         assert run["lost"] == 0, run
     assert (out / "latency.png").exists()
     assert (out / "throughput.png").exists()
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.skipif(shutil.which("redis-server") is None and not os.path.exists(
+    "/usr/bin/redis-server"), reason="needs the redis-server binary")
+def test_bench_burst_mode_pauses_clients_and_loses_nothing(tmp_path) -> None:
+    """--burst: the load generator is stopped while the servers write, then reads it all."""
+    stacks = ["ceiling"] + (["hub"] if _hub_importable() else [])
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "bench", "--burst", "--stacks", ",".join(stacks),
+           "--clients", "20", "--messages", "20", "--rates", "max", "--duration-limit", "15",
+           "--drain", "10", "--out", str(out)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=140,
+                          check=False, env=dict(os.environ, PYTHONPATH=REPO))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    body = json.loads((out / "results.json").read_text())
+    assert body["meta"]["burst"] is True and body["meta"]["errors"] == []
+    for run in body["runs"]:
+        assert run["lost"] == 0, run
+        assert run["burst_fanout_s"] is not None and run["burst_fanout_s"] > 0, run
+        assert run["p99_ms"] is None, run  # no latency in burst mode (NaN -> null)
+    assert (out / "throughput.png").exists()
+    assert not (out / "latency.png").exists()
