@@ -189,7 +189,7 @@ class LeanConnection(asyncio.Protocol):
             self.state = "CLOSED"
             try:
                 await asyncio.wait_for(asyncio.shield(self.closed), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         if self.transport is not None:
             self.transport.close()

@@ -52,8 +52,8 @@ class Stack:
         workers = ["--workers", str(self.processes)] if self.processes > 1 else []
         # The hub uses uvloop whenever it can import it; None in sys.modules stops that.
         entry = ["-m", "hub"] if self.uvloop else [
-            "-c", "import sys; sys.modules['uvloop'] = None; from hub.cli import main; "
-                  "sys.exit(main(sys.argv[1:]))"]
+            "-c", ("import sys; sys.modules['uvloop'] = None; from hub.cli import main; "
+                   "sys.exit(main(sys.argv[1:]))")]
         return [py, *entry, "serve", "--port", str(port), "--redis-url", redis_url,
                 "--redis-prefix", "hub:", "--log-level", "warning", *workers]
 

@@ -31,7 +31,7 @@ from .metrics import Metrics
 from .protocol import CLOSE_SLOW_CONSUMER, gap_frame, message_frame, payload_to_json
 from .registry import Registry
 
-__all__ = ["Node", "SUBSCRIBE_TIMEOUT", "SLOW_CLOSE_TIMEOUT", "fan_out"]
+__all__ = ["SLOW_CLOSE_TIMEOUT", "SUBSCRIBE_TIMEOUT", "Node", "fan_out"]
 
 logger = logging.getLogger("hub.node")
 

@@ -62,8 +62,8 @@ class HubConnection(ServerConnection):
 
     # Slots, not __dict__ entries: eight more keys made every connection's instance dict
     # resize, about 1.5 KiB per connection (tracemalloc, 1000 connections).
-    __slots__ = ("user", "private", "dropping", "counted", "tokens", "refilled", "strikes",
-                 "expiry")
+    __slots__ = ("counted", "dropping", "expiry", "private", "refilled", "strikes", "tokens",
+                 "user")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
