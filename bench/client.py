@@ -170,6 +170,17 @@ class _Recorder:
         self.sent[run].append(sent)
         self.last[run] = now
 
+    def frame(self, raw: bytes, proto: Protocol) -> bytes | None:
+        """Count one frame; record it if it is a delivery, else return the reply the client
+        owes the server for it (an Engine.IO pong), or None."""
+        self.total += 1
+        got = proto.decode(raw)
+        if got is not None:
+            self.add(got[0], got[1], time.time())
+            return None
+        self.other += 1
+        return proto.answer(raw)
+
     def count(self, run: int) -> int:
         lat = self.latencies.get(run)
         return 0 if lat is None else len(lat)
@@ -183,33 +194,18 @@ class _Recorder:
 
 
 async def _reader(ws: ClientConnection, proto: Protocol, rec: _Recorder) -> None:
-    decode, answer, now = proto.decode, proto.answer, time.time
     with contextlib.suppress(Exception):
         while True:
-            raw = await ws.recv(decode=False)
-            rec.total += 1
-            got = decode(raw)
-            if got is not None:
-                rec.add(got[0], got[1], now())
-                continue
-            rec.other += 1
-            reply = answer(raw)
+            reply = rec.frame(await ws.recv(decode=False), proto)
             if reply is not None:
                 await ws.send(reply, text=True)
 
 
 def _attach_lean(ws: LeanConnection, proto: Protocol, rec: _Recorder) -> None:
     """Record deliveries straight from ``data_received`` (no reader task)."""
-    decode, answer, now = proto.decode, proto.answer, time.time
 
     def on_message(raw: bytes) -> None:
-        rec.total += 1
-        got = decode(raw)
-        if got is not None:
-            rec.add(got[0], got[1], now())
-            return
-        rec.other += 1
-        reply = answer(raw)
+        reply = rec.frame(raw, proto)
         if reply is not None:
             ws.send_now(reply)
 

@@ -18,6 +18,22 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _run_bench(out, *flags: str) -> dict:
+    """Run ``python -m bench`` on ceiling (and hub when importable), 20 clients, 20 messages;
+    assert it exited 0 and return results.json."""
+    stacks = ["ceiling"] + (["hub"] if _hub_importable() else [])
+    cmd = [sys.executable, "-m", "bench", *flags, "--stacks", ",".join(stacks), "--clients",
+           "20", "--messages", "20", "--duration-limit", "15", "--drain", "10", "--out",
+           str(out)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=140,
+                          check=False, env=dict(os.environ, PYTHONPATH=REPO))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    body = json.loads((out / "results.json").read_text())
+    assert body["meta"]["errors"] == []
+    assert sorted({r["stack"] for r in body["runs"]}) == sorted(stacks)
+    return body
+
+
 def _hub_importable() -> bool:
     try:
         return importlib.util.find_spec("hub.server") is not None
@@ -29,19 +45,10 @@ def _hub_importable() -> bool:
 @pytest.mark.skipif(shutil.which("redis-server") is None and not os.path.exists(
     "/usr/bin/redis-server"), reason="needs the redis-server binary")
 def test_bench_runs_and_loses_nothing(tmp_path) -> None:
-    stacks = ["ceiling"] + (["hub"] if _hub_importable() else [])
     out = tmp_path / "results"
-    cmd = [sys.executable, "-m", "bench", "--stacks", ",".join(stacks), "--clients", "20",
-           "--messages", "20", "--rates", "50,max", "--duration-limit", "15", "--drain", "10",
-           "--out", str(out)]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=140,
-                          check=False, env=dict(os.environ, PYTHONPATH=REPO))
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-
-    body = json.loads((out / "results.json").read_text())
-    assert body["meta"]["errors"] == []
+    body = _run_bench(out, "--rates", "50,max")
     runs = body["runs"]
-    assert sorted({r["stack"] for r in runs}) == sorted(stacks)
+    stacks = {r["stack"] for r in runs}
     assert len(runs) == 2 * len(stacks)
     for run in runs:
         assert run["connected"] == 20, run
@@ -57,16 +64,9 @@ def test_bench_runs_and_loses_nothing(tmp_path) -> None:
     "/usr/bin/redis-server"), reason="needs the redis-server binary")
 def test_bench_burst_mode_pauses_clients_and_loses_nothing(tmp_path) -> None:
     """--burst: the load generator is stopped while the servers write, then reads it all."""
-    stacks = ["ceiling"] + (["hub"] if _hub_importable() else [])
     out = tmp_path / "results"
-    cmd = [sys.executable, "-m", "bench", "--burst", "--stacks", ",".join(stacks),
-           "--clients", "20", "--messages", "20", "--rates", "max", "--duration-limit", "15",
-           "--drain", "10", "--out", str(out)]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=140,
-                          check=False, env=dict(os.environ, PYTHONPATH=REPO))
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    body = json.loads((out / "results.json").read_text())
-    assert body["meta"]["burst"] is True and body["meta"]["errors"] == []
+    body = _run_bench(out, "--burst", "--rates", "max")
+    assert body["meta"]["burst"] is True
     for run in body["runs"]:
         assert run["lost"] == 0, run
         assert run["burst_fanout_s"] is not None and run["burst_fanout_s"] > 0, run
