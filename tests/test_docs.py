@@ -37,6 +37,24 @@ def test_every_error_and_close_code_is_documented():
 
 def test_readme_test_command_is_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
-    commands = re.findall(r"^(python3 -m pip install .*pytest.*)$", README, re.M)
-    assert commands, "README gives no test command"
-    assert commands[0] in ci
+    blocks = re.findall(r"^Pass the tests.*?```sh\n(.*?)\n```", README, re.M | re.S)
+    assert blocks, "README gives no test command"
+    command = blocks[0].strip()
+    assert command == "bash scripts/test.sh"
+    assert re.search(rf"^{re.escape(command)}$", ci, re.M), "CI does not run the README's command"
+
+
+def test_test_script_makes_a_fresh_venv_and_installs_the_test_extra():
+    script = (ROOT / "scripts" / "test.sh").read_text()
+    assert "python3 -m venv --clear" in script
+    assert "pip install -q -e '.[test]'" in script
+    assert "python -m pytest" in script
+
+
+def test_readme_names_the_distribution_pyproject_builds():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["name"] != "hub"  # taken on PyPI by an unrelated package
+    assert f"**`{project['name']}`**" in README
+    assert project["scripts"]["hub"] == "hub.cli:main"
