@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .exceptions import ConfigError
+from .forwarded import parse_networks
 
 __all__ = ["Config", "Option", "OPTIONS", "env_name"]
 
@@ -60,6 +61,8 @@ OPTIONS: tuple[Option, ...] = (
            "prefix ending in *); repeatable; default none", repeat=True),
     Option("allowed_origin", str, (), "allowed Origin header of browser handshakes; repeatable; "
            "default: any", repeat=True),
+    Option("trusted_proxy", str, (), "address or CIDR network of a reverse proxy whose "
+           "X-Forwarded-For header names the client (for log lines); repeatable", repeat=True),
     Option("compression", str, "none", "permessage-deflate on ('deflate') or off ('none')",
            choices=("none", "deflate")),
     Option("log_level", str, "info", "logging level",
@@ -102,6 +105,7 @@ class Config:
     jwt_secret: str | None = field(default=None, repr=False)
     client_publish: tuple[str, ...] = ()
     allowed_origin: tuple[str, ...] = ()
+    trusted_proxy: tuple[str, ...] = ()
     compression: str = "none"
     log_level: str = "info"
     workers: int = 1
@@ -136,6 +140,10 @@ class Config:
                               "reaches its own process")
         if self.redis_cluster and len(self.redis_url) != 1:
             raise ConfigError("--redis-cluster takes exactly one --redis-url (a seed node)")
+        try:
+            parse_networks(self.trusted_proxy)
+        except ValueError as exc:
+            raise ConfigError(f"--trusted-proxy: {exc}") from None
         for opt in OPTIONS:
             if opt.choices and getattr(self, opt.name) not in opt.choices:
                 raise ConfigError(f"{opt.flag} must be one of {', '.join(opt.choices)}")
