@@ -41,35 +41,34 @@ DEFAULTS = {opt.name: opt.default for opt in OPTIONS}
 
 # -- rendering the proxy configurations for a test ----------------------------------------------
 
-def render_nginx(listen: str, hubs: list[str]) -> str:
+def render_nginx(listen: str, hubs: list[str], prefix: Path | None = None,
+                 worker_processes: int | None = None) -> str:
     """deploy/nginx.conf with ``listen`` (``127.0.0.1:PORT``) and one upstream line per hub.
 
-    Each hub line keeps the parameters (``max_fails=...``) of the shipped ``server`` line; the
-    rest of the file is unchanged. The result is an http-context file, see
-    :func:`nginx_main_conf`.
+    Each hub line keeps the parameters (``max_fails=...``) of the shipped ``server`` line. With
+    ``prefix`` (a directory) the log files under /var/log/nginx/ and the temporary directories go
+    there, so that nginx runs as any user; ``worker_processes`` replaces ``auto`` (a test that
+    must not depend on the core count). The rest of the file is unchanged.
     """
     text = NGINX_CONF.read_text()
     [(indent, params)] = re.findall(r"^([ \t]*)server[ \t]+\S+((?:[ \t]+[^;\s]+)*);$", text,
                                    re.MULTILINE)
     lines = "".join(f"{indent}server {hub}{params};\n" for hub in hubs)
     text = _replace_lines(text, r"^[ \t]*server[ \t]+\S+(?:[ \t]+[^;\s]+)*;\n", lines)
-    text, n = re.subn(r"^([ \t]*)listen[ \t]+\S+;", rf"\g<1>listen {listen};", text, flags=re.MULTILINE)
+    text, n = re.subn(r"^([ \t]*)listen[ \t]+\S+;", rf"\g<1>listen {listen};", text,
+                      flags=re.MULTILINE)
     assert n == 1, "deploy/nginx.conf should have one listen line"
+    if worker_processes is not None:
+        text, n = re.subn(r"^worker_processes \S+;", f"worker_processes {worker_processes};",
+                          text, flags=re.MULTILINE)
+        assert n == 1, "deploy/nginx.conf should have one worker_processes line"
+    if prefix is not None:
+        text = text.replace("/var/log/nginx/", f"{prefix}/")
+        temp = "".join(f"    {kind}_temp_path {prefix / kind};\n"
+                       for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        text, n = re.subn(r"^http \{\n", lambda m: m.group(0) + temp, text, flags=re.MULTILINE)
+        assert n == 1, "deploy/nginx.conf should have one http block"
     return text
-
-
-def nginx_main_conf(prefix: Path, site: Path) -> str:
-    """A main nginx.conf for a test: the test's own temp paths and logs, then ``site``."""
-    temp = "".join(f"    {kind}_temp_path {prefix / kind};\n"
-                   for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-    return (f"worker_processes 2;\n"
-            f"worker_rlimit_nofile 8192;\n"
-            f"events {{ worker_connections 4096; }}\n"
-            f"http {{\n"
-            f"    access_log {prefix / 'access.log'};\n"
-            f"{temp}"
-            f"    include {site};\n"
-            f"}}\n")
 
 
 def nginx_command(prefix: Path, conf: Path, *extra: str) -> list[str]:
@@ -79,13 +78,15 @@ def nginx_command(prefix: Path, conf: Path, *extra: str) -> list[str]:
             "-g", f"daemon off; pid {prefix / 'nginx.pid'};", *extra]
 
 
-def write_nginx(prefix: Path, listen: str, hubs: list[str]) -> Path:
-    """Write the rendered site and a main config under ``prefix``; return the main config."""
+def write_nginx(prefix: Path, listen: str, hubs: list[str],
+                worker_processes: int | None = None) -> Path:
+    """Write deploy/nginx.conf rendered for ``prefix`` (:func:`render_nginx`); return its path.
+
+    nginx then logs to ``prefix``/access.log and ``prefix``/error.log.
+    """
     prefix.mkdir(parents=True, exist_ok=True)
-    site = prefix / "hub.conf"
-    site.write_text(render_nginx(listen, hubs))
     conf = prefix / "nginx.conf"
-    conf.write_text(nginx_main_conf(prefix, site))
+    conf.write_text(render_nginx(listen, hubs, prefix, worker_processes))
     return conf
 
 
@@ -117,8 +118,74 @@ def _replace_lines(text: str, pattern: str, lines: str) -> str:
 
 # -- helpers -------------------------------------------------------------------------------------
 
+def fenced_blocks(text: str) -> list[tuple[str, str]]:
+    """``(language, code)`` of every fenced block of a Markdown text; indented ones (inside a
+    list item) dedented by their fence's indent."""
+    blocks = []
+    for indent, lang, code in re.findall(r"^([ \t]*)```(\w*)\n(.*?)^\1```", text,
+                                         re.MULTILINE | re.DOTALL):
+        lines = [line.removeprefix(indent) for line in code.splitlines()]
+        blocks.append((lang, "\n".join(lines) + "\n"))
+    return blocks
+
+
+def doc_section(text: str, heading: str) -> str:
+    """The part of a Markdown text from the heading that starts with ``heading`` to the next
+    heading of the same or a higher level."""
+    match = re.search(rf"^(#+) {re.escape(heading)}.*?$", text, re.MULTILINE)
+    assert match, f"no heading {heading!r}"
+    level = len(match.group(1))
+    end = re.compile(rf"^#{{1,{level}}} ", re.MULTILINE).search(text, match.end())
+    return text[match.start():end.start() if end else len(text)]
+
+
+def nginx_directives(text: str) -> list[tuple[str, list[str]]]:
+    """``(context path, [name, *args])`` of every nginx directive, comments and quotes handled
+    enough for deploy/nginx.conf: ``("events", ["worker_connections", "32768"])``."""
+    out: list[tuple[str, list[str]]] = []
+    stack: list[str] = []
+    words: list[str] = []
+    for token in re.findall(r"'[^']*'|\"[^\"]*\"|#[^\n]*|[{};]|[^\s{};'\"#]+", text):
+        if token.startswith("#"):
+            continue
+        if token == "{":
+            stack.append(words[0] if words else "")
+            words = []
+        elif token == "}":
+            stack.pop()
+        elif token == ";":
+            out.append((" ".join(stack), words))
+            words = []
+        else:
+            words.append(token[1:-1] if token[0] in "'\"" else token)
+    assert not stack and not words, "unbalanced nginx configuration"
+    return out
+
+
+def directive(text: str, context: str, name: str) -> list[str]:
+    """The arguments of the one directive ``name`` in ``context`` ("" for main)."""
+    found = [args[1:] for ctx, args in nginx_directives(text) if ctx == context and args[0] == name]
+    assert len(found) == 1, f"{name} in {context or 'main'}: {found}"
+    return found[0]
+
+
+#: The languages of the fenced blocks of docs/deploy.md that are shell commands.
+SHELL = {"sh", "bash", "console"}
+#: nginx variables that hold the query string, or a request line with it.
+QUERY_VARIABLES = re.compile(r"\$(request|request_uri|args|query_string|arg_\w+|is_args)\b")
+#: haproxy log-format tags that hold it: %r / %{+Q}r (request line), %HU (URI), %HQ (query).
+QUERY_TAGS = re.compile(r"%(\{[^}]*\})?(r|HU|HQ)\b")
+
+
 def check_hub_command(argv: list[str]) -> None:
-    """``argv`` (after ``hub``) parses with the real parser; ``hub serve`` flags build a Config."""
+    """``argv`` (after ``hub``) parses with the real parser; ``hub serve`` flags build a Config.
+
+    ``--help`` and ``--version`` must exit 0."""
+    if {"-h", "--help", "--version"} & set(argv):
+        with pytest.raises(SystemExit) as exit_:
+            build_parser().parse_args(argv)
+        assert exit_.value.code == 0, f"`hub {' '.join(argv)}` exits {exit_.value.code}"
+        return
     try:
         args = build_parser().parse_args(argv)
     except SystemExit:
@@ -243,7 +310,7 @@ def test_compose_nginx_reaches_the_hub_port():
     [mount] = [v for v in nginx["volumes"] if "nginx.conf" in v]
     source, target, *_ = mount.split(":")
     assert (ROOT / source).resolve() == NGINX_CONF
-    assert target.startswith("/etc/nginx/conf.d/")
+    assert target == "/etc/nginx/nginx.conf"  # a whole nginx.conf, not a conf.d file
     [server] = re.findall(r"^\s*server\s+([\w.-]+:\d+)", NGINX_CONF.read_text(), re.MULTILINE)
     host, port = server.rsplit(":", 1)
     assert host == "hub" and "hub" in services
@@ -340,6 +407,57 @@ def test_nginx_conf_directives():
     assert "/ws" in paths and paths <= HUB_PATHS
 
 
+#: Debian's /etc/nginx/nginx.conf: `worker_connections 768;`.
+DEBIAN_WORKER_CONNECTIONS = 768
+
+
+def test_nginx_conf_is_whole_and_sized_for_websockets():
+    text = NGINX_CONF.read_text()
+    contexts = {ctx for ctx, _ in nginx_directives(text)}
+    assert {"", "events", "http", "http upstream", "http server"} <= contexts
+    connections = int(directive(text, "events", "worker_connections")[0])
+    nofile = int(directive(text, "", "worker_rlimit_nofile")[0])
+    assert directive(text, "", "worker_processes") == ["auto"]
+    # Two connections per WebSocket; far above Debian's default, and with descriptors to spare.
+    assert connections // 2 >= 10 * (DEBIAN_WORKER_CONNECTIONS // 2)
+    assert nofile >= connections + 1024
+    # The level that shows "worker_connections are not enough" (a warn line).
+    assert directive(text, "", "error_log")[1] in ("warn", "notice", "info", "debug")
+    doc = (ROOT / "docs" / "deploy.md").read_text()
+    for stated in (f"worker_connections {connections}", f"worker_rlimit_nofile {nofile}",
+                   f"{connections // 2} WebSocket clients per worker",
+                   f"{DEBIAN_WORKER_CONNECTIONS // 2} clients per worker"):
+        assert stated in doc, f"docs/deploy.md should say {stated!r}"
+
+
+def test_nginx_access_log_has_no_query_string():
+    text = NGINX_CONF.read_text()
+    formats = {}
+    for ctx, args in nginx_directives(text):
+        if args[0] == "log_format":
+            assert ctx == "http"
+            formats[args[1]] = "".join(args[2:])
+    logs = [(ctx, args[1:]) for ctx, args in nginx_directives(text) if args[0] == "access_log"]
+    assert logs, "deploy/nginx.conf should log with its own format"
+    for ctx, args in logs:
+        if args == ["off"]:
+            continue
+        assert len(args) >= 2, f"access_log {args} in {ctx} uses `combined`, which logs $request"
+        fmt = formats[args[1]]
+        assert not QUERY_VARIABLES.search(fmt), fmt
+        assert "$uri" in fmt and "$http_referer" not in fmt
+    # No access_log below http that would bring `combined` back for one location.
+    assert {ctx for ctx, _ in logs} == {"http"}
+
+
+def test_haproxy_log_format_has_no_query_string():
+    text = HAPROXY_CFG.read_text()
+    assert not re.search(r"^\s*option\s+(httplog|httpslog)\b", text, re.MULTILINE)
+    [fmt] = re.findall(r"^\s*log-format\s+(.*)$", text, re.MULTILINE)
+    assert not QUERY_TAGS.search(fmt), fmt
+    assert "%HM %HP %HV" in fmt
+
+
 def test_haproxy_cfg_directives():
     text = HAPROXY_CFG.read_text()
     assert re.search(r"^\s*balance leastconn", text, re.MULTILINE)
@@ -393,7 +511,7 @@ def test_haproxy_config_check_passes(tmp_path, rendered):
 
 def test_deploy_doc_commands_and_variables_exist():
     text = (ROOT / "docs" / "deploy.md").read_text()
-    blocks = "\n".join(re.findall(r"```(?:sh|bash|console)?\n(.*?)```", text, re.DOTALL))
+    blocks = "\n".join(code for lang, code in fenced_blocks(text) if lang in SHELL)
     commands = hub_commands(blocks)
     assert any(c[0] == "serve" for c in commands)
     for argv in commands:
@@ -403,3 +521,90 @@ def test_deploy_doc_commands_and_variables_exist():
     local = r"(?:https?|wss?)://(?:127\.0\.0\.1|localhost|hub|HOST)(?::\d+)?(/[\w/]*)"
     paths = set(re.findall(local, text)) - {"/"}
     assert paths and paths <= HUB_PATHS, paths
+
+
+def doc_snippet(lang: str, marker: str) -> dict[str, str]:
+    """The block of docs/deploy.md in ``lang`` that holds ``marker``, split at its
+    ``# in CONTEXT:`` comment lines: ``{"http {}": "limit_conn_zone ...", ...}``."""
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    [code] = [c for lg, c in fenced_blocks(text) if lg == lang and marker in c]
+    parts = re.split(r"^# in (.+):$", code, flags=re.MULTILINE)
+    assert parts[0].strip() == "", code
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+@pytest.mark.nginx
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx)")
+def test_deploy_doc_nginx_limits_load_into_the_shipped_file(tmp_path):
+    parts = doc_snippet("nginx", "limit_conn")
+    assert set(parts) == {"http {}", "location = /ws {}"}
+    conf = write_nginx(tmp_path, "127.0.0.1:18080", ["127.0.0.1:8765"])
+    text = conf.read_text()
+    text, n = re.subn(r"^http \{\n", lambda m: m.group(0) + parts["http {}"], text,
+                      flags=re.MULTILINE)
+    assert n == 1
+    text, n = re.subn(r"^([ \t]*)location = /ws \{\n", lambda m: m.group(0) + parts[
+        "location = /ws {}"], text, flags=re.MULTILINE)
+    assert n == 1
+    conf.write_text(text)
+    result = subprocess.run(nginx_command(tmp_path, conf, "-t"), capture_output=True, text=True,
+                            check=False, timeout=30)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (apt-get install haproxy)")
+def test_deploy_doc_haproxy_limits_load_into_the_shipped_file(tmp_path):
+    parts = doc_snippet("haproxy", "stick-table")
+    assert set(parts) == {"frontend hub_in"}
+    text = render_haproxy("127.0.0.1:18080", ["127.0.0.1:8765"])
+    text, n = re.subn(r"^frontend hub_in\n", lambda m: m.group(0) + "".join(
+        f"    {line}\n" for line in parts["frontend hub_in"].strip().splitlines()), text,
+        flags=re.MULTILINE)
+    assert n == 1
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(text)
+    assert HAPROXY is not None
+    result = subprocess.run([HAPROXY, "-c", "-f", str(cfg)], capture_output=True, text=True,
+                            check=False, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_deploy_doc_walkthrough_installs_what_the_unit_expects():
+    unit = configparser.ConfigParser(strict=True, interpolation=None, comment_prefixes=("#",))
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit_text = (DEPLOY / "hub.service").read_text()
+    unit.read_string(unit_text)
+    service = unit["Service"]
+    hub_bin = Path(shlex.split(service["ExecStart"])[0])
+    venv = hub_bin.parent.parent  # /opt/hub/venv/bin/hub -> /opt/hub/venv
+    env_file = service["EnvironmentFile"].lstrip("-")
+    user = service["User"]
+    if service.get("ProtectHome", "no") != "no":
+        assert not venv.is_relative_to("/home") and not venv.is_relative_to("/root"), venv
+
+    doc = (ROOT / "docs" / "deploy.md").read_text()
+    walk = doc_section(doc, "Step by step")
+    shell = "\n".join(code for lang, code in fenced_blocks(walk) if lang in SHELL)
+    shell = re.sub(r"\\\n\s*", " ", shell)  # continuation lines joined
+    lines = [" ".join(shlex.split(line, comments=True)) for line in shell.splitlines()]
+    # The unit's venv is created and the project installed into it.
+    assert any(f"python3 -m venv {venv}" in line for line in lines), shell
+    assert any(f"{venv}/bin/pip install" in line for line in lines), shell
+    # Its user, its settings at its EnvironmentFile path, the unit itself.
+    assert any(re.search(rf"useradd .*--system.* {user}$", line) for line in lines), shell
+    assert any(re.search(rf"install .*deploy/hub\.env {re.escape(env_file)}$", line)
+               for line in lines), shell
+    assert any(re.search(r"install .*deploy/hub\.service /etc/systemd/system/hub\.service$",
+                         line) for line in lines), shell
+    assert any("systemctl enable --now hub" in line for line in lines), shell
+    # Every hub or python the walkthrough runs is the venv's.
+    for word in re.findall(r"\S*/bin/(?:hub|python|pip)\b", shell):
+        assert word.startswith(f"{venv}/bin/"), word
+    assert "~/" not in shell
+    # nginx.conf goes where nginx reads its main configuration.
+    assert "deploy/nginx.conf" in shell and "/etc/nginx/nginx.conf" in shell
+    # The unit's own install notes say the same.
+    header = "\n".join(line for line in unit_text.splitlines() if line.startswith("#"))
+    for needle in (f"python3 -m venv {venv}", f"{venv}/bin/pip install", f"{env_file}",
+                   "useradd --system"):
+        assert needle in header, needle

@@ -10,6 +10,10 @@ hubs see nothing of it: every message exactly once, in order, no drop, no error 
 The proxy runs in the foreground with a configuration rendered from deploy/nginx.conf or
 deploy/haproxy.cfg for loopback ports (tests/test_deploy_files.py: render_nginx,
 render_haproxy), every file it writes under the test's tmp_path.
+
+Two more checks of the shipped files: nginx carries more WebSocket clients than Debian's
+default nginx.conf would (``worker_connections 768``: each proxied WebSocket takes two), and
+neither proxy writes a ``?token=`` query string into its access log.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import resource
 import signal
 import subprocess
 import urllib.error
@@ -24,6 +29,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import jwt
 import psutil
 import pytest
 import redis.asyncio
@@ -32,7 +38,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from tests.conftest import free_port, wait_until
 from tests.test_deploy_files import HAPROXY, NGINX, nginx_command, render_haproxy, write_nginx
 from tests.test_workers import until
-from tests.wsutil import open_ws
+from tests.wsutil import open_ws, recv_json, subscribe
 
 CLIENTS = 300
 CHANNEL = "news"
@@ -123,17 +129,19 @@ def http_status(url: str) -> int | None:
 
 
 @pytest.fixture
-def proxy(tmp_path) -> Iterator[Callable[[str, list[int]], int]]:
-    """``proxy(kind, hub_ports) -> port``: nginx or haproxy in front of the hubs, until teardown."""
+def proxy(tmp_path) -> Iterator[Callable[..., int]]:
+    """``proxy(kind, hub_ports, **render) -> port``: nginx or haproxy in front of the hubs, until
+    teardown. Its files are under ``tmp_path / kind``: nginx's access.log and error.log,
+    haproxy's log in proxy.log. ``render``: keyword arguments of :func:`write_nginx`."""
     procs: list[subprocess.Popen] = []
 
-    def start(kind: str, hub_ports: list[int]) -> int:
+    def start(kind: str, hub_ports: list[int], **render) -> int:
         port = free_port()
         prefix = tmp_path / kind
         prefix.mkdir()
         hubs = [f"127.0.0.1:{p}" for p in hub_ports]
         if kind == "nginx":
-            cmd = nginx_command(prefix, write_nginx(prefix, f"127.0.0.1:{port}", hubs))
+            cmd = nginx_command(prefix, write_nginx(prefix, f"127.0.0.1:{port}", hubs, **render))
         else:
             cfg = prefix / "haproxy.cfg"
             cfg.write_text(render_haproxy(f"127.0.0.1:{port}", hubs))
@@ -234,3 +242,100 @@ async def test_nginx_failover_keeps_other_clients_whole(proxy, redis_server, hub
 @pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (apt-get install haproxy)")
 async def test_haproxy_failover_keeps_other_clients_whole(proxy, redis_server, hub_factory):
     await failover("haproxy", proxy, redis_server, hub_factory)
+
+
+# -- capacity: more clients than Debian's default nginx.conf carries --------------------------
+
+MANY_CLIENTS = 1000
+#: Debian's /etc/nginx/nginx.conf: `worker_connections 768;`, i.e. 384 WebSockets per worker.
+DEBIAN_WORKER_CONNECTIONS = 768
+
+
+@pytest.fixture
+def fd_limit() -> Iterator[None]:
+    """RLIMIT_NOFILE soft raised to hard for the test (and the hubs and nginx it starts)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # This process holds every client socket; a single nginx worker that may not raise its own
+    # limit (worker_rlimit_nofile needs privileges) holds two descriptors per client.
+    need = 2 * MANY_CLIENTS + 200
+    if hard != resource.RLIM_INFINITY and hard < need:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < {need} file descriptors this test needs")
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.nginx
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx)")
+async def test_nginx_carries_more_clients_than_debians_default(
+        fd_limit, proxy, redis_server, hub_factory, tmp_path):
+    # One nginx worker, whatever the core count: 1000 clients are 2000 connections in it, which
+    # Debian's 768 cannot hold (it would carry 384), while the shipped 32768 can.
+    assert 2 * MANY_CLIENTS > DEBIAN_WORKER_CONNECTIONS
+    hubs = [hub_factory(redis=redis_server) for _ in range(3)]
+    port = proxy("nginx", [hub.port for hub in hubs], worker_processes=1)
+    url = f"ws://127.0.0.1:{port}/ws"
+    gate = asyncio.Semaphore(100)  # handshakes in flight at once
+    conns = []
+
+    async def connect() -> None:
+        async with gate:
+            ws = await open_ws(url)
+        conns.append(ws)
+        await subscribe(ws, CHANNEL)
+
+    try:
+        async with asyncio.timeout(120):
+            results = await asyncio.gather(*(connect() for _ in range(MANY_CLIENTS)),
+                                           return_exceptions=True)
+            failed = [r for r in results if isinstance(r, BaseException)]
+            assert not failed, (f"{len(failed)} of {MANY_CLIENTS} clients failed through nginx,"
+                                f" first: {failed[0]!r}\n{_read(tmp_path / 'nginx' / 'error.log')}")
+            assert sum(hub_connections(hub) for hub in hubs) == MANY_CLIENTS
+
+            publisher = redis.asyncio.Redis.from_url(redis_server.url)
+            try:
+                # Every hub holds subscribers: the message reaches all three.
+                assert await publisher.publish(f"hub:{CHANNEL}", json.dumps({"seq": 0})) == 3
+            finally:
+                await publisher.aclose()
+            frames = await asyncio.gather(*(recv_json(ws, timeout=30) for ws in conns))
+            expected = {"type": "message", "channel": CHANNEL, "data": {"seq": 0}}
+            assert sum(frame == expected for frame in frames) == MANY_CLIENTS
+    finally:
+        await asyncio.gather(*(ws.close() for ws in conns), return_exceptions=True)
+    assert "worker_connections are not enough" not in _read(tmp_path / "nginx" / "error.log")
+
+
+# -- access logs: no token -----------------------------------------------------------------------
+
+NEEDS_NGINX = pytest.mark.skipif(NGINX is None,
+                                 reason="nginx is not installed (apt-get install nginx)")
+NEEDS_HAPROXY = pytest.mark.skipif(HAPROXY is None,
+                                   reason="haproxy is not installed (apt-get install haproxy)")
+
+
+@pytest.mark.parametrize("kind", [pytest.param("nginx", marks=[pytest.mark.nginx, NEEDS_NGINX]),
+                                  pytest.param("haproxy", marks=NEEDS_HAPROXY)])
+async def test_access_log_leaves_out_the_token(kind, proxy, hub_factory, tmp_path):
+    secret = "test-secret-of-at-least-32-bytes-for-hs256"
+    hub = hub_factory("--jwt-secret", secret)
+    port = proxy(kind, [hub.port])
+    log = tmp_path / kind / ("access.log" if kind == "nginx" else "proxy.log")
+    token = jwt.encode({"sub": "alice"}, secret, algorithm="HS256")
+    # A valid token: the handshake succeeds through the proxy; the line is logged at its end.
+    async with open_ws(f"ws://127.0.0.1:{port}/ws?token={token}") as ws:
+        await subscribe(ws, CHANNEL)
+    # An invalid one (401 from the hub) and one on a plain request.
+    assert http_status(f"http://127.0.0.1:{port}/ws?token=secret123") == 401
+    assert http_status(f"http://127.0.0.1:{port}/readyz?token=secret123") == 200
+
+    def logged() -> bool:
+        text = _read(log)
+        return "GET /ws " in text and "GET /readyz " in text and text.count("GET /ws ") == 2
+    wait_until(logged, 10, what=f"{kind} to log the three requests in {log}")
+    text = _read(log)
+    assert "secret123" not in text and token not in text and "token=" not in text, text
+    # The path, method and status are still there.
+    assert re.search(r'"GET /ws HTTP/1\.1" 401', text) or re.search(r" 401 .*GET /ws ", text), text
