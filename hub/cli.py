@@ -3,10 +3,12 @@
 ``hub serve [options]`` runs a hub process (or a supervisor of ``--workers`` processes);
 every option is listed in :data:`hub.config.OPTIONS` and docs/protocol.md.
 ``hub publish CHANNEL JSON [--redis-url URL ...] [--redis-prefix hub:]`` publishes one
-message and prints how many hub processes received it.
+message and prints how many hub processes received it. ``hub --version`` prints
+``hub <version>``.
 
-Exit codes: 0 on success and on a graceful stop, 2 on a usage or configuration error,
-1 when ``hub publish`` cannot reach Redis.
+Exit codes: 0 on success and on a graceful stop, 2 on a usage or configuration error (a bad
+value, a malformed Redis URL, an unreadable TLS file, a port in use, a host that does not
+resolve), with one line ``hub: ...`` on stderr; 1 when ``hub publish`` cannot reach Redis.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from collections.abc import Sequence
 
 import orjson
 
-from .config import OPTIONS, Config, env_name
+from . import __version__
+from .config import OPTIONS, Config, Option
 from .exceptions import ConfigError
 
 __all__ = ["build_parser", "main"]
@@ -27,42 +30,46 @@ __all__ = ["build_parser", "main"]
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``hub`` command (the CLI contract of docs/protocol.md)."""
     parser = argparse.ArgumentParser(prog="hub", description="Realtime pub/sub hub over WebSocket.")
+    parser.add_argument("--version", action="version", version=f"hub {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the hub",
                            description="Run the hub. Every option also reads HUB_<OPTION>.")
     for opt in OPTIONS:
-        kwargs: dict = {"dest": opt.name, "default": None,
-                        "help": f"{opt.help} (env {opt.env}; default {_show(opt.default)})"}
-        if opt.type is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            kwargs["type"] = opt.type
-            kwargs["metavar"] = opt.name.split("_")[-1].upper()
-            if opt.repeat:
-                kwargs["action"] = "append"
-            if opt.choices:
-                kwargs["choices"] = opt.choices
-                del kwargs["metavar"]
-        serve.add_argument(opt.flag, **kwargs)
+        _add_option(serve, opt)
 
     publish = sub.add_parser("publish", help="publish one message through Redis")
     publish.add_argument("channel", help="channel name, e.g. news or user:alice")
     publish.add_argument("json", help="the message, a JSON document")
-    publish.add_argument("--redis-url", action="append", dest="redis_url", default=None,
-                         help=f"Redis URL, repeat for shards (env {env_name('redis_url')})")
-    publish.add_argument("--redis-prefix", dest="redis_prefix", default=None,
-                         help=f"channel prefix (env {env_name('redis_prefix')}; default hub:)")
-    publish.add_argument("--redis-cluster", dest="redis_cluster", default=None,
-                         action=argparse.BooleanOptionalAction,
-                         help=f"the URL is a Redis Cluster seed (env {env_name('redis_cluster')})")
+    for opt in OPTIONS:
+        if opt.name in _PUBLISH_OPTIONS:
+            # publish has no embedded broker to fall back to
+            _add_option(publish, opt, "none, one is required" if opt.name == "redis_url" else None)
     return parser
 
 
-def _show(value: object) -> str:
-    if value in ((), None):
-        return "none"
-    return str(value)
+_PUBLISH_OPTIONS = ("redis_url", "redis_prefix", "redis_cluster")
+
+
+def _add_option(parser: argparse.ArgumentParser, opt: Option,
+                default_help: str | None = None) -> None:
+    """Add ``opt`` to ``parser``; its help ends with its variable and, once, its default
+    (``default_help`` or :attr:`Option.default_help`)."""
+    # default=None: "not given", so that Config.from_sources can fall back to the variable.
+    shown = default_help or opt.default_help
+    kwargs: dict = {"dest": opt.name, "default": None,
+                    "help": f"{opt.help} (env {opt.env}; default {shown})"}
+    if opt.type is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    else:
+        kwargs["type"] = opt.type
+        kwargs["metavar"] = opt.name.split("_")[-1].upper()
+        if opt.repeat:
+            kwargs["action"] = "append"
+        if opt.choices:
+            kwargs["choices"] = opt.choices
+            del kwargs["metavar"]
+    parser.add_argument(opt.flag, **kwargs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -78,7 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return run_workers(config)
             from .server import run
 
-            return run(config)
+            # --share-port: listen with SO_REUSEPORT, so that this process and hubs already
+            # on the port (started with --share-port too) take turns at new connections.
+            return run(config, reuse_port=config.share_port)
         return _publish(args)
     except ConfigError as exc:
         print(f"hub: {exc}", file=sys.stderr)
@@ -98,8 +107,7 @@ def _setup_logging(level: str) -> None:
 def _publish(args: argparse.Namespace) -> int:
     from .publisher import Publisher
 
-    config = Config.from_sources({"redis_url": args.redis_url, "redis_prefix": args.redis_prefix,
-                                  "redis_cluster": args.redis_cluster})
+    config = Config.from_sources({name: getattr(args, name) for name in _PUBLISH_OPTIONS})
     if not config.redis_url:
         raise ConfigError("hub publish needs --redis-url or HUB_REDIS_URL")
     try:

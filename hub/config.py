@@ -11,19 +11,29 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
+import ssl
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis.connection import parse_url
+
 from .exceptions import ConfigError
 from .forwarded import parse_networks
 
-__all__ = ["Config", "Option", "OPTIONS", "env_name"]
+__all__ = ["Config", "Option", "OPTIONS", "address_error", "env_name"]
 
 
 @dataclass(frozen=True)
 class Option:
-    """One option of ``hub serve``: its flag, type, default, unit and help text."""
+    """One option of ``hub serve``: its flag, type, default, unit and help text.
+
+    ``help`` says what the option does and never its default: ``--help`` appends
+    :attr:`default_help`, which is ``default_text`` when given (what an empty or None
+    default means, e.g. ``"none: authentication off"``), else the default itself.
+    """
 
     name: str  # the Config field; flag is --name-with-dashes, env HUB_NAME
     type: type
@@ -31,6 +41,7 @@ class Option:
     help: str
     repeat: bool = False
     choices: tuple[str, ...] | None = None
+    default_text: str | None = None
 
     @property
     def flag(self) -> str:
@@ -39,6 +50,17 @@ class Option:
     @property
     def env(self) -> str:
         return env_name(self.name)
+
+    @property
+    def default_help(self) -> str:
+        """The default as ``--help`` shows it: ``default_text``, ``on``/``off``, the value."""
+        if self.default_text is not None:
+            return self.default_text
+        if self.type is bool:
+            return "on" if self.default else "off"
+        if self.default in ((), None):
+            return "none"
+        return str(self.default)
 
 
 def env_name(name: str) -> str:
@@ -51,16 +73,22 @@ OPTIONS: tuple[Option, ...] = (
     Option("host", str, "127.0.0.1", "interface to listen on"),
     Option("port", int, 8765,
            "TCP port for WebSocket (/ws) and HTTP (/healthz, /readyz, /metrics)"),
-    Option("redis_url", str, (), "Redis URL; repeat to shard channels over several Redis "
-           "instances; none: the embedded in-process broker", repeat=True),
+    Option("tls_cert", str, None, "PEM certificate chain file: serve wss:// and https:// "
+           "(the probes too); needs --tls-key", default_text="none: plain ws:// and http://"),
+    Option("tls_key", str, None, "PEM private key file of --tls-cert (unencrypted)"),
+    Option("redis_url", str, (), "Redis URL (redis://, rediss:// or unix://); repeat to shard "
+           "channels over several Redis instances", repeat=True,
+           default_text="none: the embedded in-process broker"),
     Option("redis_cluster", bool, False, "treat --redis-url as a seed node of a Redis Cluster "
            "and use sharded pub/sub (SSUBSCRIBE/SPUBLISH)"),
     Option("redis_prefix", str, "hub:", "prefix of every Redis channel name"),
-    Option("jwt_secret", str, None, "HS256 secret; when set, every connection needs a token"),
+    Option("jwt_secret", str, None, "HS256 secret; when set, every connection needs a token",
+           default_text="none: authentication off"),
     Option("client_publish", str, (), "channel pattern clients may publish to (exact name or "
-           "prefix ending in *); repeatable; default none", repeat=True),
-    Option("allowed_origin", str, (), "allowed Origin header of browser handshakes; repeatable; "
-           "default: any", repeat=True),
+           "prefix ending in *); repeatable", repeat=True,
+           default_text="none: clients cannot publish"),
+    Option("allowed_origin", str, (), "allowed Origin header of browser handshakes; "
+           "repeatable", repeat=True, default_text="any Origin"),
     Option("trusted_proxy", str, (), "address or CIDR network of a reverse proxy whose "
            "X-Forwarded-For header names the client (for log lines); repeatable", repeat=True),
     Option("compression", str, "none", "permessage-deflate on ('deflate') or off ('none')",
@@ -68,6 +96,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("log_level", str, "info", "logging level",
            choices=("debug", "info", "warning", "error")),
     Option("workers", int, 1, "worker processes sharing the port (SO_REUSEPORT); >1 needs Redis"),
+    Option("share_port", bool, False, "join hub processes already listening on this port "
+           "(SO_REUSEPORT), e.g. for a rolling restart", default_text="off: such a port is "
+           "refused"),
     # Limits
     Option("max_connections", int, 10000,
            "connections per process; past it the handshake gets 503"),
@@ -99,6 +130,8 @@ class Config:
 
     host: str = "127.0.0.1"
     port: int = 8765
+    tls_cert: str | None = None
+    tls_key: str | None = None
     redis_url: tuple[str, ...] = ()
     redis_cluster: bool = False
     redis_prefix: str = "hub:"
@@ -109,6 +142,7 @@ class Config:
     compression: str = "none"
     log_level: str = "info"
     workers: int = 1
+    share_port: bool = False
     # Limits
     max_connections: int = 10000
     max_subscriptions: int = 128
@@ -140,6 +174,13 @@ class Config:
                               "reaches its own process")
         if self.redis_cluster and len(self.redis_url) != 1:
             raise ConfigError("--redis-cluster takes exactly one --redis-url (a seed node)")
+        for url in self.redis_url:
+            try:
+                parse_url(url)  # redis-py's own parser: what from_url() will do later
+            except ValueError as exc:
+                raise ConfigError(f"--redis-url {_redact(url)!r}: {exc}") from None
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
         try:
             parse_networks(self.trusted_proxy)
         except ValueError as exc:
@@ -170,6 +211,60 @@ class Config:
     def replace(self, **changes: Any) -> Config:
         """A copy with ``changes`` applied and validated."""
         return dataclasses.replace(self, **changes)
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The server TLS context of ``--tls-cert``/``--tls-key``; None when TLS is off.
+
+        Reads both files now (call it again to pick up renewed files). Raises
+        :class:`ConfigError` naming the file that is unreadable, holds no PEM certificate,
+        no usable private key, or a key that does not match the certificate.
+        """
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        cert, key = self.tls_cert, self.tls_key
+        for flag, path in (("--tls-cert", cert), ("--tls-key", key)):
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                raise ConfigError(f"{flag} {path}: cannot read it: {exc.strerror or exc}") from None
+        try:  # load_cert_chain's "PEM lib" error does not say which file is bad: try the cert
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=cert)
+        except ssl.SSLError:
+            raise ConfigError(f"--tls-cert {cert}: no PEM certificate in it") from None
+
+        def no_password() -> bytes:
+            raise ConfigError(f"--tls-key {key}: the key is encrypted; give an unencrypted one")
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(cert, key, password=no_password)
+        except ssl.SSLError as exc:
+            if exc.reason == "KEY_VALUES_MISMATCH":
+                raise ConfigError(f"--tls-key {key} is not the key of the certificate in "
+                                  f"--tls-cert {cert}") from None
+            raise ConfigError(f"--tls-key {key}: no PEM private key in it") from None
+        return context
+
+
+def address_error(host: str, port: int, exc: OSError) -> ConfigError:
+    """The one-line configuration error for ``exc``, raised binding ``host:port``."""
+    if isinstance(exc, socket.gaierror):
+        return ConfigError(f"--host {host!r} is neither an IP address nor a name that resolves: "
+                           f"{exc.strerror or exc}")
+    # uvloop's strerror is a whole sentence naming the address again; the errno says it all
+    reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else str(exc)
+    return ConfigError(f"cannot listen on {host}:{port}: {reason}")
+
+
+def _redact(url: str) -> str:
+    """``url`` with its password, if any, replaced by ``***`` (for error messages)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return parts._replace(netloc=f"{user}:***@{hostport}").geturl()
 
 
 def _parse(opt: Option, raw: str) -> Any:

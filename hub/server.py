@@ -16,6 +16,7 @@ import http
 import logging
 import signal
 import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from websockets.asyncio.server import ServerConnection, serve
@@ -25,7 +26,7 @@ from websockets.http11 import Request, Response
 from websockets.typing import Origin
 
 from .auth import Identity, identify, verify_token
-from .config import Config
+from .config import Config, address_error
 from .exceptions import AuthError, BrokerUnavailable, ProtocolError
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .node import SLOW_CLOSE_TIMEOUT, Node
@@ -109,38 +110,53 @@ class Hub:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self, reuse_port: bool = False) -> None:
-        """Connect the broker (in the background) and start listening."""
+        """Bind the port, connect the broker (in the background) and start accepting.
+
+        ``reuse_port`` sets SO_REUSEPORT on the listening socket. With ``--tls-cert`` the
+        port speaks TLS only: ``wss://`` and ``https://`` for the probes. Raises
+        :class:`ConfigError` (one line) when a TLS file is unusable, the host does not resolve
+        or the address cannot be bound; then nothing has been started or logged.
+        """
         cfg = self.config
+        tls = cfg.ssl_context()
+        origins = [Origin(o) for o in cfg.allowed_origin] if cfg.allowed_origin else None
+        # serve() hands our create_connection subclass to these callbacks; its signature
+        # only says ServerConnection, hence the ignores.
+        try:
+            self.server = await serve(
+                self._handler,  # type: ignore[arg-type]
+                cfg.host, cfg.port,
+                create_connection=self._connection_class,
+                process_request=self._process_request,  # type: ignore[arg-type]
+                process_response=self._process_response,  # type: ignore[arg-type]
+                origins=[*origins, None] if origins else None,
+                compression="deflate" if cfg.compression == "deflate" else None,
+                max_size=cfg.max_message_bytes,
+                ping_interval=cfg.ping_interval or None,
+                ping_timeout=cfg.ping_interval or None,
+                close_timeout=CLOSE_TIMEOUT,
+                # The write buffer's high-water mark is the slow-consumer limit: the transport
+                # calls pause_writing() when a connection passes it (websockets' send() also
+                # waits for the buffer to fall below it).
+                write_limit=cfg.max_buffer_bytes,
+                server_header=None,
+                # SO_REUSEADDR is asyncio's and uvloop's default on POSIX: TIME-WAIT
+                # connections of an earlier hub on the port do not block the bind.
+                reuse_port=reuse_port or None,
+                ssl=tls,
+                start_serving=False,  # bound, so every configuration error is behind us
+            )
+        except OSError as exc:  # in use, not a local address, a host that does not resolve
+            raise address_error(cfg.host, cfg.port, exc) from None
         if cfg.jwt_secret is None:
             logger.warning("authentication is OFF (no --jwt-secret): any client may connect "
                            "and claim any user id with ?user=; never run this in production")
         elif len(cfg.jwt_secret.encode()) < 32:
             logger.warning("--jwt-secret is shorter than 32 bytes; HS256 wants at least 32")
         await self.node.start()
-        origins = [Origin(o) for o in cfg.allowed_origin] if cfg.allowed_origin else None
-        # serve() hands our create_connection subclass to these callbacks; its signature
-        # only says ServerConnection, hence the ignores.
-        self.server = await serve(
-            self._handler,  # type: ignore[arg-type]
-            cfg.host, cfg.port,
-            create_connection=self._connection_class,
-            process_request=self._process_request,  # type: ignore[arg-type]
-            process_response=self._process_response,  # type: ignore[arg-type]
-            origins=[*origins, None] if origins else None,
-            compression="deflate" if cfg.compression == "deflate" else None,
-            max_size=cfg.max_message_bytes,
-            ping_interval=cfg.ping_interval or None,
-            ping_timeout=cfg.ping_interval or None,
-            close_timeout=CLOSE_TIMEOUT,
-            # The write buffer's high-water mark is the slow-consumer limit: the transport
-            # calls pause_writing() when a connection passes it (websockets' send() also
-            # waits for the buffer to fall below it).
-            write_limit=cfg.max_buffer_bytes,
-            server_header=None,
-            reuse_port=reuse_port or None,
-        )
-        logger.info("listening on %s:%d (%s broker)", cfg.host, self.port,
-                    type(self.node.broker).__name__)
+        await self.server.start_serving()
+        logger.info("listening on %s:%d%s (%s broker)", cfg.host, self.port,
+                    " with TLS" if tls else "", type(self.node.broker).__name__)
 
     @property
     def port(self) -> int:
@@ -394,7 +410,10 @@ class Hub:
 
 
 async def serve_until_signal(config: Config, reuse_port: bool = False) -> int:
-    """Run a hub until SIGTERM or SIGINT, then stop it in order. Returns the exit code 0."""
+    """Run a hub until SIGTERM or SIGINT, then stop it in order. Returns the exit code 0.
+
+    Raises :class:`ConfigError` when the hub cannot start listening (see :meth:`Hub.start`).
+    """
     loop = asyncio.get_running_loop()
     hub = Hub(config)
     await hub.start(reuse_port=reuse_port)
@@ -411,10 +430,16 @@ def run(config: Config, *, reuse_port: bool = False) -> int:
     """Run one hub process until SIGTERM/SIGINT; returns the exit code (0).
 
     Uses uvloop when it is installed (the ``hub[uvloop]`` extra). ``reuse_port`` sets
-    SO_REUSEPORT so that several workers share the port (``hub serve --workers N``).
+    SO_REUSEPORT so that several processes share the port (``hub serve --workers N``,
+    ``--share-port``). Raises :class:`ConfigError` when the hub cannot start listening.
     """
+    runner: Callable[[Coroutine[Any, Any, int]], int]
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(serve_until_signal(config, reuse_port))
-    return uvloop.run(serve_until_signal(config, reuse_port))
+        runner = asyncio.run
+    else:
+        runner = uvloop.run
+    # Outside the except block: an error of the server must not carry the ImportError as
+    # its context ("No module named 'uvloop'" in every traceback).
+    return runner(serve_until_signal(config, reuse_port))

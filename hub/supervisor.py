@@ -21,11 +21,18 @@ Each worker asks the kernel for SIGKILL when the supervisor dies (Linux
 ``PR_SET_PDEATHSIG``), so a supervisor killed with SIGKILL leaves no orphan holding the port.
 SIGKILL, not SIGTERM: a worker may already be in its graceful stop (the supervisor was killed
 while waiting for it) and would ignore a second SIGTERM.
+
+Before it forks, the supervisor checks what would make every worker fail: the TLS files, and
+the address (:func:`_check_bind`). SO_REUSEPORT would also let the workers join the listeners
+of a hub already running on the port, so that a forgotten deployment keeps taking a share of
+the traffic; the supervisor refuses such a port unless ``--share-port`` asks for exactly that
+(a rolling restart: start the new hub with ``--share-port``, then stop the old one).
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -39,7 +46,7 @@ from multiprocessing.process import BaseProcess
 
 from redis.backoff import EqualJitterBackoff
 
-from .config import Config
+from .config import Config, address_error
 from .exceptions import ConfigError
 
 __all__ = ["restart_delay", "run_workers"]
@@ -76,28 +83,71 @@ def run_workers(config: Config) -> int:
 
     Blocks; returns the exit code, 0 after a stop by signal (also when stragglers had to be
     killed). Raises :class:`ConfigError` (``hub serve`` exits 2) when ``config.port`` is 0,
-    since every worker would get a different ephemeral port, or when the address cannot be
-    bound with SO_REUSEPORT (in use by a process of another user or without SO_REUSEPORT,
-    or not a local address).
+    since every worker would get a different ephemeral port; when a TLS file is unusable;
+    when the host does not resolve or the address cannot be bound with SO_REUSEPORT (in use
+    by a process of another user or without SO_REUSEPORT, or not a local address); and when
+    processes already listen on the address with SO_REUSEPORT, unless
+    ``config.share_port``.
     """
     if config.port == 0:
         raise ConfigError(f"--port 0 cannot be used with --workers {config.workers}: each "
                           "worker would listen on a different ephemeral port; give a port")
-    _check_bind(config.host, config.port)
+    config.ssl_context()  # each worker loads the files again; fail here, once, if they are bad
+    _check_bind(config.host, config.port, share_port=config.share_port)
     return _Supervisor(config).run()
 
 
-def _check_bind(host: str, port: int) -> None:
-    """Fail early, with one clear message, where every worker would fail to listen."""
+def _check_bind(host: str, port: int, *, share_port: bool = False) -> None:
+    """Fail early, with one clear :class:`ConfigError`, where every worker would fail to
+    listen on ``host:port``, or would join processes already listening there (SO_REUSEPORT)
+    while ``share_port`` is False.
+
+    Whether something listens is asked of the kernel with a bind, not a connect: a connect
+    that succeeds only says that something answers (perhaps through a wildcard address or a
+    NAT rule), does not say whether it uses SO_REUSEPORT, and talks to it. Linux refuses a
+    bind without SO_REUSEPORT to an address a socket LISTENs on, even with SO_REUSEADDR, while
+    SO_REUSEADDR lets a bind pass the TIME-WAIT connections an earlier hub left on the port
+    (workers get SO_REUSEADDR from asyncio and uvloop too). So: a bind with SO_REUSEADDR only
+    that fails with EADDRINUSE means the port is taken; a second bind that adds SO_REUSEPORT
+    and succeeds means it is taken by SO_REUSEPORT listeners of this user, which the workers
+    would join. There is a race (a process may start listening between this check and the
+    workers' binds); the check is for the operator's mistake, not for an adversary.
+    """
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
-        for family, type_, proto, _, address in infos:
-            with socket.socket(family, type_, proto) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                probe.bind(address)
     except OSError as exc:
-        raise ConfigError(f"cannot listen on {host}:{port} with SO_REUSEPORT: {exc}") from None
+        raise address_error(host, port, exc) from None
+    for family, type_, proto, _, address in infos:
+        error = _bind_error(family, type_, proto, address, reuse_port=False)
+        if error is None:
+            continue  # nothing listens there
+        if error.errno != errno.EADDRINUSE:
+            raise address_error(host, port, error)
+        error = _bind_error(family, type_, proto, address, reuse_port=True)
+        if error is not None:
+            reason = address_error(host, port, error)
+            raise ConfigError(f"{reason} (with SO_REUSEPORT: the port is held by a process "
+                              "of another user or without SO_REUSEPORT)")
+        if not share_port:
+            raise ConfigError(f"processes already listen on {host}:{port} with SO_REUSEPORT "
+                              "(another hub?); stop them or choose another --port, or give "
+                              "--share-port to join them (a rolling restart)")
+
+
+def _bind_error(family: int, type_: int, proto: int, address: tuple, *,
+                reuse_port: bool) -> OSError | None:
+    """The error of binding a fresh socket (SO_REUSEADDR, and SO_REUSEPORT when
+    ``reuse_port``) to ``address``; None when the bind succeeds. The socket is closed again."""
+    with socket.socket(family, type_, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            return exc
+    return None
 
 
 @dataclass
@@ -228,7 +278,12 @@ class _Supervisor:
         _die_with_parent(self.pid)
         from .server import run
 
-        sys.exit(run(self.worker_config, reuse_port=True))
+        try:
+            code = run(self.worker_config, reuse_port=True)
+        except ConfigError as exc:  # the address was taken after _check_bind, say
+            logger.error("worker %d: %s", index, exc)
+            code = 2
+        sys.exit(code)
 
 
 def _die_with_parent(parent: int) -> None:

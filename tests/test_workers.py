@@ -61,6 +61,12 @@ def worker_of(ws: ClientConnection, peers: dict[int, set[int]]) -> int:
     return pid
 
 
+def listening(pid: int, port: int) -> bool:
+    """Whether process ``pid`` has a TCP socket listening on ``port``."""
+    return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port
+               for c in psutil.Process(pid).net_connections(kind="tcp"))
+
+
 async def until(predicate, timeout: float, what: str):
     """Poll ``predicate()`` without blocking the event loop; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
@@ -188,6 +194,83 @@ def run_hub(*args: str, env: dict[str, str] | None = None,
     clean["PYTHONPATH"] = str(ROOT) + os.pathsep + clean.get("PYTHONPATH", "")
     return subprocess.run([sys.executable, *args], capture_output=True, text=True,
                           timeout=timeout, env={**clean, **(env or {})}, cwd=ROOT, check=False)
+
+
+async def test_workers_start_at_once_where_a_single_process_hub_left_time_wait(redis_server,
+                                                                              hub_factory):
+    port = free_port()
+    single = hub_factory(redis=redis_server, port=port)
+    clients = await connect_many(single.ws_url, 3)
+    single.terminate()
+    for ws in clients:  # the hub closes first, so the TIME-WAIT sockets are on its port
+        with pytest.raises(ConnectionClosed):
+            await recv_json(ws, timeout=10)
+    assert await asyncio.to_thread(single.wait, 20) == 0
+    assert any(c.status == psutil.CONN_TIME_WAIT and c.laddr.port == port
+               for c in psutil.net_connections(kind="tcp"))
+
+    # SO_REUSEADDR (asyncio's default for the workers' listeners, and the pre-bind check's
+    # too) passes those TIME-WAIT sockets: the workers come up now, not a minute later.
+    hub = hub_factory("--workers", "2", redis=redis_server, port=port)
+    async with open_ws(hub.ws_url) as ws:
+        await subscribe(ws, "news")
+
+
+async def test_a_second_supervisor_on_a_hub_s_port_is_refused_unless_share_port(redis_server,
+                                                                               hub_factory):
+    first, first_pids = await start_workers(hub_factory, redis_server)
+    args = ("-m", "hub", "serve", "--workers", "2", "--port", str(first.port), "--redis-url",
+            redis_server.url)
+    result = await asyncio.to_thread(run_hub, *args)
+    assert result.returncode == 2
+    assert result.stderr == (f"hub: processes already listen on 127.0.0.1:{first.port} with "
+                             "SO_REUSEPORT (another hub?); stop them or choose another --port, "
+                             "or give --share-port to join them (a rolling restart)\n")
+    assert workers(first) == first_pids
+
+    # --share-port: a rolling restart. The new hub joins, the old one leaves, no gap.
+    second = hub_factory("--workers", "2", "--share-port", redis=redis_server, port=first.port)
+    second_pids = await until(lambda: len(w := workers(second)) == 2 and w, 15, "two workers")
+    await until(lambda: all(listening(pid, first.port) for pid in second_pids), 15,
+                "the new workers listening")
+    clients = await connect_many(first.ws_url, CLIENTS)
+    try:
+        peers = peers_by_worker(first_pids + second_pids, first.port)
+        # Four listeners share the port: both hubs get clients (all on one: p = 2**-39).
+        held = {worker_of(ws, peers) for ws in clients}
+        assert held & set(first_pids) and held & set(second_pids), held
+    finally:
+        await close_all(clients)
+    first.terminate()
+    assert await asyncio.to_thread(first.wait, 20) == 0
+    async with open_ws(first.ws_url) as ws:
+        await subscribe(ws, "news")
+        assert worker_of(ws, peers_by_worker(second_pids, first.port)) in second_pids
+
+
+def test_share_port_with_a_single_process_hub_that_does_not_share_exits_2(redis_server,
+                                                                           hub_factory):
+    single = hub_factory(redis=redis_server)
+    result = run_hub("-m", "hub", "serve", "--workers", "2", "--share-port", "--port",
+                     str(single.port), "--redis-url", redis_server.url)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"hub: cannot listen on 127.0.0.1:{single.port}: Address "
+                                    "already in use (with SO_REUSEPORT"), result.stderr
+    assert len(result.stderr.splitlines()) == 1
+
+
+async def test_single_process_hubs_share_the_port_with_share_port(redis_server, hub_factory):
+    first = hub_factory("--share-port", redis=redis_server)
+    second = hub_factory("--share-port", redis=redis_server, port=first.port)
+    # /readyz may have been answered by the first hub: wait for the second's own listener.
+    await until(lambda: listening(second.pid, first.port), 15, "the second hub listening")
+    async with open_ws(first.ws_url) as ws:
+        await subscribe(ws, "news")
+    first.terminate()
+    assert await asyncio.to_thread(first.wait, 20) == 0
+    assert second.proc.poll() is None
+    async with open_ws(first.ws_url) as ws:
+        await subscribe(ws, "news")
 
 
 def test_workers_without_redis_exit_2():
