@@ -1,10 +1,18 @@
-"""Who a connection is: JWT verification (HS256 only) and the development fallback.
+"""Who a connection is: JWT verification (HS256 only), the development fallback, and the
+``--allowed-origin`` values a browser can actually send.
 
-Tokens come as ``Authorization: Bearer <jwt>`` or as the ``token`` query parameter of the
-handshake (the header wins when both are given), and later in ``refresh`` commands. Claims
-(RFC 7519): ``sub`` (string, required) is the user id; ``exp`` (seconds since the epoch) is
-honoured; ``channels`` (optional list of strings) lists the ``private:`` channels the user may
-subscribe to, as exact names or prefixes ending in ``*``.
+With ``--jwt-secret`` a connection authenticates in one of three ways:
+
+* ``Authorization: Bearer <jwt>`` on the handshake (services; a browser cannot set it);
+* the ``token`` query parameter of the handshake (kept for compatibility: the URL lands in
+  proxy access logs and browser consoles); the header wins when both are given;
+* in-band: a handshake that offers neither is accepted pending authentication and its first
+  frame must be ``{"op":"connect","token":"<jwt>"}`` (hub.server; browsers should use this).
+
+Later ``refresh`` commands replace the token. Claims (RFC 7519): ``sub`` (string, required)
+is the user id; ``exp`` (seconds since the epoch) is honoured; ``channels`` (optional list of
+strings) lists the ``private:`` channels the user may subscribe to, as exact names or
+prefixes ending in ``*``.
 
 Tokens are never logged: :class:`hub.exceptions.AuthError` messages name the reason only.
 """
@@ -12,20 +20,22 @@ Tokens are never logged: :class:`hub.exceptions.AuthError` messages name the rea
 from __future__ import annotations
 
 import math
+import urllib.parse
+from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import parse_qs
 
 import jwt
 
-from .exceptions import AuthError
-from .protocol import CHANNEL_RE, personal_channel
+from .exceptions import AuthError, TokenExpired
+from .protocol import CHANNEL_RE, MAX_TOKEN_BYTES, personal_channel
 
-__all__ = ["Identity", "verify_token", "identify", "MAX_TOKEN_BYTES"]
+__all__ = ["MAX_TOKEN_BYTES", "Identity", "identify", "origin_problems", "verify_token"]
 
-#: Tokens longer than this many characters are rejected before any parsing.
-MAX_TOKEN_BYTES = 4096
 #: The only algorithm accepted: ``alg: none`` and public-key algorithms are refused.
 ALGORITHMS = ["HS256"]
+#: What a browser puts in Origin for each scheme when the port is the default one.
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,8 +60,10 @@ def check_user_id(user: object) -> str:
 def verify_token(token: str, secret: str) -> Identity:
     """Verify an HS256 JWT and return its :class:`Identity`.
 
-    Raises :class:`AuthError` for a token that is too long (> :data:`MAX_TOKEN_BYTES`),
-    malformed, signed with another key or algorithm, expired, or lacking a valid ``sub``.
+    Raises :class:`TokenExpired` (an :class:`AuthError`) for a token whose ``exp`` has
+    passed, :class:`AuthError` for one that is too long (> :data:`MAX_TOKEN_BYTES`
+    characters), malformed, signed with another key or algorithm, not yet valid (``nbf``),
+    or lacking a valid ``sub`` or ``channels`` claim.
     """
     if len(token) > MAX_TOKEN_BYTES:
         raise AuthError(f"token longer than {MAX_TOKEN_BYTES} characters")
@@ -59,7 +71,7 @@ def verify_token(token: str, secret: str) -> Identity:
         claims = jwt.decode(token, secret, algorithms=ALGORITHMS,
                             options={"require": ["sub"]})
     except jwt.ExpiredSignatureError:
-        raise AuthError("token expired") from None
+        raise TokenExpired("token expired") from None
     except jwt.InvalidTokenError as exc:
         raise AuthError(f"invalid token ({type(exc).__name__})") from None
     user = check_user_id(claims["sub"])
@@ -71,29 +83,89 @@ def verify_token(token: str, secret: str) -> Identity:
     return Identity(user, tuple(channels), expires_at)
 
 
-def identify(path: str, authorization: str | None, secret: str | None) -> Identity:
+def identify(path: str, authorization: str | None, secret: str | None) -> Identity | None:
     """The identity of a handshake for ``path`` (with its query string).
 
-    With a ``secret``: the Bearer token of ``authorization``, else the ``token`` query
-    parameter, must verify (:func:`verify_token`). Without one (development mode): the
-    ``user`` query parameter, if any, is the user id, unchecked.
+    With a ``secret``: the token of an ``Authorization: Bearer`` header (``authorization``;
+    a header of another scheme, e.g. Basic from a proxy, is ignored), else the first
+    non-empty ``token`` query parameter, must verify (:func:`verify_token`). None when the
+    handshake offers no token at all (no Bearer header, no ``token`` parameter): the
+    connection is to authenticate in-band with ``connect``. Without a secret (development
+    mode): the ``user`` query parameter, if any, is the user id, unchecked.
     Raises :class:`AuthError` (the handshake answers 401; 400 for a bad ``user`` parameter
-    when auth is off).
+    when auth is off) for a bad token, an empty Bearer header or ``token`` parameter, or
+    more than 16 query parameters.
     """
     try:
-        query = parse_qs(path.partition("?")[2], max_num_fields=16)
+        query = parse_qs(path.partition("?")[2], keep_blank_values=True, max_num_fields=16)
     except ValueError:
         raise AuthError("more than 16 query parameters") from None
     if secret is None:
-        user = query.get("user", [None])[0]
+        user = next((u for u in query.get("user", ()) if u), None)
         return Identity(check_user_id(user) if user is not None else None)
     token = None
     if authorization is not None:
         scheme, _, credentials = authorization.partition(" ")
-        if scheme.lower() == "bearer" and credentials.strip():
+        if scheme.lower() == "bearer":
             token = credentials.strip()
+            if not token:
+                raise AuthError("empty Bearer token")
     if token is None:
-        token = query.get("token", [None])[0]
-    if not token:
-        raise AuthError("missing token")
+        if "token" not in query:
+            return None
+        token = next((t for t in query["token"] if t), None)
+        if token is None:
+            raise AuthError("empty token parameter")
     return verify_token(token, secret)
+
+
+def origin_problems(origins: Iterable[str]) -> list[str]:
+    """One message for each distinct ``--allowed-origin`` value that no browser can send.
+
+    A browser's ``Origin`` header (RFC 6454) is exactly ``scheme://host[:port]`` with a
+    lower-case ``http`` or ``https`` scheme and host, and no port when it is the scheme's
+    default; the hub compares it as a string. Values with a trailing slash, a path, a query,
+    a fragment, user info, no scheme, another scheme, upper-case letters, a bad or default
+    port can never equal it. Pure: the caller logs the messages.
+    """
+    problems = []
+    for value in dict.fromkeys(origins):
+        reason = _origin_problem(value)
+        if reason is not None:
+            problems.append(f"--allowed-origin {value!r} can never match a browser's Origin "
+                            f"(scheme://host[:port], e.g. https://app.example.com): {reason}")
+    return problems
+
+
+def _origin_problem(value: str) -> str | None:
+    if value == "null":  # what sandboxed iframes and file: pages send: it can match
+        return None
+    if "://" not in value:
+        return "it has no scheme (http:// or https://)"
+    parts = urllib.parse.urlsplit(value)
+    scheme = value.partition("://")[0]
+    if scheme.lower() not in _DEFAULT_PORTS:
+        return f"the scheme {scheme!r} is not http or https"
+    if parts.path == "/" and not parts.query and not parts.fragment and "?" not in value:
+        return "it has a trailing slash"
+    if parts.path:
+        return "it has a path"
+    if "?" in value:
+        return "it has a query"
+    if "#" in value:
+        return "it has a fragment"
+    if "@" in parts.netloc:
+        return "it has user info"
+    if not parts.hostname:
+        return "it has no host"
+    if value != value.lower():
+        return "browsers send it in lower case"
+    try:
+        port = parts.port
+    except ValueError:
+        return "its port is not a number from 0 to 65535"
+    if port is None and parts.netloc.endswith(":"):
+        return "it has an empty port"
+    if port == _DEFAULT_PORTS[scheme]:
+        return "browsers leave out the scheme's default port"
+    return None

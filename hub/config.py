@@ -10,6 +10,7 @@ test and the deployment-file test read.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import socket
 import ssl
@@ -84,6 +85,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("redis_prefix", str, "hub:", "prefix of every Redis channel name"),
     Option("jwt_secret", str, None, "HS256 secret; when set, every connection needs a token",
            default_text="none: authentication off"),
+    Option("auth_timeout", float, 10.0, "seconds a connection that offered no token at the "
+           "handshake has to send its connect command; then close 4005"),
     Option("client_publish", str, (), "channel pattern clients may publish to (exact name or "
            "prefix ending in *); repeatable", repeat=True,
            default_text="none: clients cannot publish"),
@@ -136,6 +139,7 @@ class Config:
     redis_cluster: bool = False
     redis_prefix: str = "hub:"
     jwt_secret: str | None = field(default=None, repr=False)
+    auth_timeout: float = 10.0
     client_publish: tuple[str, ...] = ()
     allowed_origin: tuple[str, ...] = ()
     trusted_proxy: tuple[str, ...] = ()
@@ -160,13 +164,16 @@ class Config:
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first option whose value is out of range."""
         positive = ("max_connections", "max_subscriptions", "max_message_bytes",
-                    "max_buffer_bytes", "workers", "probe_interval", "probe_timeout")
+                    "max_buffer_bytes", "workers", "probe_interval", "probe_timeout",
+                    "auth_timeout")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_BY_NAME[name].flag} must be > 0, got {getattr(self, name)}")
         for name in ("rate_limit", "ping_interval", "shutdown_timeout"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_BY_NAME[name].flag} must be >= 0, got {getattr(self, name)}")
+        if not math.isfinite(self.auth_timeout):  # nan passes the > 0 check above
+            raise ConfigError(f"--auth-timeout must be a finite number, got {self.auth_timeout}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port must be 0..65535, got {self.port}")
         if self.workers > 1 and not self.redis_url:

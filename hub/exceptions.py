@@ -6,12 +6,14 @@ The hierarchy::
     ├── ConfigError          a bad option value (names the flag or environment variable)
     ├── ProtocolError        a client frame the hub rejects; carries the wire error ``code``
     ├── AuthError            a token that is missing, forged, expired or malformed
+    │   └── TokenExpired     a token whose exp has passed
     └── BrokerUnavailable    the broker (Redis) could not confirm an operation in time
 """
 
 from __future__ import annotations
 
-__all__ = ["HubError", "ConfigError", "ProtocolError", "AuthError", "BrokerUnavailable"]
+__all__ = ["AuthError", "BrokerUnavailable", "ConfigError", "HubError", "ProtocolError",
+           "TokenExpired"]
 
 
 class HubError(Exception):
@@ -39,6 +41,10 @@ class ProtocolError(HubError):
 
 class AuthError(HubError):
     """A token was rejected. The message is safe to log: it never contains the token."""
+
+
+class TokenExpired(AuthError):
+    """The token is valid but its ``exp`` has passed (close code 4001 for a ``connect``)."""
 
 
 class BrokerUnavailable(HubError):

@@ -18,10 +18,33 @@ import orjson
 from .exceptions import ProtocolError
 
 __all__ = [
-    "Command", "parse_command", "check_channel", "channel_matches", "personal_channel",
-    "message_frame", "payload_to_json", "ack_frame", "pong_frame", "error_frame", "gap_frame",
-    "encode_data", "CHANNEL_RE", "OPS", "ERROR_CODES", "CLOSE_CODES",
-    "CLOSE_GOING_AWAY", "CLOSE_TOKEN_EXPIRED", "CLOSE_SLOW_CONSUMER", "CLOSE_RATE_LIMITED",
+    "CHANNEL_RE",
+    "CLOSE_AUTH_REQUIRED",
+    "CLOSE_AUTH_TIMEOUT",
+    "CLOSE_CODES",
+    "CLOSE_GOING_AWAY",
+    "CLOSE_INTERNAL_ERROR",
+    "CLOSE_INVALID_TOKEN",
+    "CLOSE_RATE_LIMITED",
+    "CLOSE_SLOW_CONSUMER",
+    "CLOSE_TOKEN_EXPIRED",
+    "ERROR_CODES",
+    "MAX_TOKEN_BYTES",
+    "OPS",
+    "Command",
+    "ack_frame",
+    "channel_matches",
+    "check_channel",
+    "connect_ack_frame",
+    "encode_data",
+    "error_frame",
+    "gap_frame",
+    "message_frame",
+    "parse_command",
+    "parse_connect",
+    "payload_to_json",
+    "personal_channel",
+    "pong_frame",
 ]
 
 #: Valid channel names: 1 to 128 characters of letters, digits and ``_ . : @ / -``.
@@ -30,12 +53,16 @@ CHANNEL_RE = re.compile(r"[A-Za-z0-9_.:@/-]{1,128}")
 PERSONAL_PREFIX = "user:"
 PRIVATE_PREFIX = "private:"
 
-OPS = ("subscribe", "unsubscribe", "publish", "ping", "refresh")
+OPS = ("connect", "subscribe", "unsubscribe", "publish", "ping", "refresh")
+
+#: Tokens longer than this many characters are refused (``connect`` here; the handshake and
+#: ``refresh`` in :func:`hub.auth.verify_token`). Re-exported as ``hub.auth.MAX_TOKEN_BYTES``.
+MAX_TOKEN_BYTES = 4096
 
 #: Error codes of ``{"type":"error"}`` replies (docs/protocol.md "Errors").
 ERROR_CODES = {
     "bad_request": "invalid JSON, not an object, a binary frame, a missing or wrong-typed field, "
-                   "or an unknown op",
+                   "an unknown op, or a connect on an authenticated connection",
     "bad_channel": "the channel name does not match ^[A-Za-z0-9_.:@/-]{1,128}$ or misspells a "
                    "reserved prefix",
     "forbidden": "the connection may not subscribe or publish to this channel",
@@ -47,15 +74,22 @@ ERROR_CODES = {
 
 # Close codes (RFC 6455 section 7.4; 4000-4999 are ours).
 CLOSE_GOING_AWAY = 1001      # the hub is shutting down
-CLOSE_TOKEN_EXPIRED = 4001   # the JWT expired and no refresh came in time
+CLOSE_INTERNAL_ERROR = 1011  # also: the personal channel could not be subscribed at connect
+CLOSE_TOKEN_EXPIRED = 4001   # the JWT expired and no refresh came in time, or connect's expired
+CLOSE_INVALID_TOKEN = 4002   # connect's token is malformed, forged, too long or lacks a sub
+CLOSE_AUTH_TIMEOUT = 4005    # no connect within --auth-timeout
+CLOSE_AUTH_REQUIRED = 4006   # the first frame of a pending connection was not a connect
 CLOSE_SLOW_CONSUMER = 4008   # the write buffer passed --max-buffer-bytes
 CLOSE_RATE_LIMITED = 4029    # a sustained command flood past --rate-limit
 CLOSE_CODES = {
     1001: "going away: the hub is shutting down",
     1007: "invalid UTF-8 in a text frame (RFC 6455 section 8.1)",
     1009: "a frame or message larger than --max-message-bytes",
-    1011: "internal error",
-    4001: "token expired: send a refresh before exp",
+    1011: "internal error (also: the personal channel could not be subscribed at connect)",
+    4001: "token expired: send a refresh before exp (or connect with a fresh token)",
+    4002: "invalid token in connect",
+    4005: "authentication timeout: no connect within --auth-timeout",
+    4006: "authentication required: the first frame was not a connect",
     4008: "slow consumer: the client did not read fast enough",
     4029: "rate limit: sustained flood of commands",
 }
@@ -69,7 +103,7 @@ class Command:
 
     ``op`` is one of :data:`OPS`; ``id`` is the client's id (int, str or None) to echo back;
     ``channel`` is set for subscribe, unsubscribe and publish; ``data`` is the publish payload
-    already serialised to JSON bytes; ``token`` is set for refresh.
+    already serialised to JSON bytes; ``token`` is set for connect and refresh.
     """
 
     op: str
@@ -85,9 +119,59 @@ def parse_command(frame: str | bytes) -> Command:
     ``frame`` is the message as websockets returns it: ``str`` for a text frame, ``bytes`` for a
     binary one. Raises :class:`ProtocolError` with code ``bad_request`` (binary frame, invalid
     JSON, nesting deeper than 1024 levels (orjson's limit since 3.9.15), not an object,
-    unknown op, missing or wrong-typed field) or ``bad_channel``; the error carries the
-    command's id when it was read.
+    unknown op, missing or wrong-typed field, a connect token longer than
+    :data:`MAX_TOKEN_BYTES` characters) or ``bad_channel``; the error carries the command's
+    id when it was read.
     """
+    obj, cid, op = _envelope(frame)
+    if op in ("subscribe", "unsubscribe", "publish"):
+        channel = check_channel(obj.get("channel"), cid)
+        if op != "publish":
+            return Command(op, cid, channel)
+        if "data" not in obj:
+            raise ProtocolError("bad_request", "publish needs a 'data' field", cid)
+        return Command(op, cid, channel, data=encode_data(obj["data"], cid))
+    if op == "ping":
+        return Command(op, cid)
+    if op == "connect":
+        return Command(op, cid, token=_connect_token(obj, cid))
+    if op == "refresh":
+        token = obj.get("token")
+        if not isinstance(token, str) or not token:
+            raise ProtocolError("bad_request", "refresh needs a string field 'token'", cid)
+        return Command(op, cid, token=token)
+    raise ProtocolError("bad_request", f"unknown op {op[:32]!r}", cid)
+
+
+def parse_connect(frame: str | bytes) -> Command | None:
+    """Parse the first frame of a connection pending authentication.
+
+    Returns the ``connect`` :class:`Command` (its ``token`` a non-empty string of at most
+    :data:`MAX_TOKEN_BYTES` characters, not yet verified), or None when ``frame`` is no
+    ``connect`` command at all: a binary frame, invalid JSON, not an object, a bad ``id``,
+    another op (the hub closes with 4006). Raises :class:`ProtocolError` ``bad_request`` for
+    a ``connect`` whose ``token`` is missing, not a string, empty or too long (close 4002).
+    """
+    try:
+        obj, cid, op = _envelope(frame)
+    except ProtocolError:
+        return None
+    if op != "connect":
+        return None
+    return Command(op, cid, token=_connect_token(obj, cid))
+
+
+def _connect_token(obj: dict[str, Any], cid: object) -> str:
+    token = obj.get("token")
+    if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_BYTES:
+        raise ProtocolError("bad_request", f"connect needs a string field 'token' of 1 to "
+                            f"{MAX_TOKEN_BYTES} characters", cid)
+    return token
+
+
+def _envelope(frame: str | bytes) -> tuple[dict[str, Any], int | str | None, str]:
+    """The JSON object of ``frame``, its checked ``id`` and its ``op`` (not yet checked
+    against :data:`OPS`). Raises ``bad_request`` as :func:`parse_command` says."""
     if isinstance(frame, bytes):
         raise ProtocolError("bad_request", "binary frames are not accepted; send JSON text")
     try:
@@ -104,21 +188,7 @@ def parse_command(frame: str | bytes) -> Command:
     op = obj.get("op")
     if not isinstance(op, str):
         raise ProtocolError("bad_request", "missing or non-string field 'op'", cid)
-    if op in ("subscribe", "unsubscribe", "publish"):
-        channel = check_channel(obj.get("channel"), cid)
-        if op != "publish":
-            return Command(op, cid, channel)
-        if "data" not in obj:
-            raise ProtocolError("bad_request", "publish needs a 'data' field", cid)
-        return Command(op, cid, channel, data=encode_data(obj["data"], cid))
-    if op == "ping":
-        return Command(op, cid)
-    if op == "refresh":
-        token = obj.get("token")
-        if not isinstance(token, str) or not token:
-            raise ProtocolError("bad_request", "refresh needs a string field 'token'", cid)
-        return Command(op, cid, token=token)
-    raise ProtocolError("bad_request", f"unknown op {op[:32]!r}", cid)
+    return obj, cid, op
 
 
 def encode_data(data: Any, cid: object = None) -> bytes:
@@ -184,6 +254,15 @@ def message_frame(channel_json: bytes, data_json: bytes) -> bytes:
 def ack_frame(cid: object) -> bytes:
     """``{"type":"ack","id":<id>}``."""
     return orjson.dumps({"type": "ack", "id": cid})
+
+
+def connect_ack_frame(cid: object, user: str, client: str, exp: float | None) -> bytes:
+    """``{"type":"ack","id":<id>,"user":<user id>,"client":<connection id>,"exp":<exp>}``:
+    the reply to an accepted ``connect``; ``exp`` is the token's expiry in seconds since the
+    epoch (an integer when it is one), null when the token has none."""
+    if exp is not None and exp.is_integer():
+        exp = int(exp)
+    return orjson.dumps({"type": "ack", "id": cid, "user": user, "client": client, "exp": exp})
 
 
 def pong_frame(cid: object) -> bytes:

@@ -23,22 +23,30 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 from websockets.typing import Origin
 
-from .auth import Identity, identify, verify_token
+from .auth import Identity, identify, origin_problems, verify_token
 from .config import Config, address_error
-from .exceptions import AuthError, BrokerUnavailable, ProtocolError
+from .exceptions import AuthError, BrokerUnavailable, ProtocolError, TokenExpired
+from .forwarded import client_address, parse_networks
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .node import SLOW_CLOSE_TIMEOUT, Node
 from .protocol import (
+    CLOSE_AUTH_REQUIRED,
+    CLOSE_AUTH_TIMEOUT,
     CLOSE_GOING_AWAY,
+    CLOSE_INTERNAL_ERROR,
+    CLOSE_INVALID_TOKEN,
     CLOSE_RATE_LIMITED,
     CLOSE_TOKEN_EXPIRED,
     Command,
     ack_frame,
     channel_matches,
+    connect_ack_frame,
     error_frame,
     parse_command,
+    parse_connect,
     personal_channel,
     pong_frame,
 )
@@ -54,22 +62,27 @@ CLOSE_TIMEOUT = 5.0
 class HubConnection(ServerConnection):
     """A WebSocket connection with the hub's per-connection state.
 
-    ``user`` is the user id (None: anonymous); ``private`` the private channel patterns of its
-    token; ``dropping`` is True once the hub decided to close it. The rate limiter is a token
-    bucket of ``tokens`` refilled at ``--rate-limit`` per second up to twice that.
+    ``user`` is the user id (None: anonymous, or not yet authenticated); ``private`` the
+    private channel patterns of its token; ``pending`` is True from a handshake without a
+    token (with ``--jwt-secret``) until its ``connect`` is accepted; ``remote`` is the client
+    address for log lines (``--trusted-proxy``); ``dropping`` is True once the hub decided to
+    close it. The rate limiter is a token bucket of ``tokens`` refilled at ``--rate-limit``
+    per second up to twice that.
     """
 
     hub: Hub  # set on the per-server subclass
 
     # Slots, not __dict__ entries: eight more keys made every connection's instance dict
     # resize, about 1.5 KiB per connection (tracemalloc, 1000 connections).
-    __slots__ = ("counted", "dropping", "expiry", "private", "refilled", "strikes", "tokens",
-                 "user")
+    __slots__ = ("counted", "dropping", "expiry", "pending", "private", "refilled", "remote",
+                 "strikes", "tokens", "user")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.user: str | None = None
         self.private: tuple[str, ...] = ()
+        self.pending = False
+        self.remote = "?"
         self.dropping = False
         self.counted = False
         self.tokens = 0.0
@@ -106,6 +119,10 @@ class Hub:
         self._rate = config.rate_limit
         self._burst = 2 * config.rate_limit
         self._connection_class = type("HubConnection", (HubConnection,), {"hub": self})
+        self._origins = frozenset(config.allowed_origin)
+        self._trusted = parse_networks(config.trusted_proxy)
+        # Connections pending in-band authentication: in no registry, closed by stop().
+        self._pending: set[HubConnection] = set()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -153,6 +170,7 @@ class Hub:
                            "and claim any user id with ?user=; never run this in production")
         elif len(cfg.jwt_secret.encode()) < 32:
             logger.warning("--jwt-secret is shorter than 32 bytes; HS256 wants at least 32")
+        self._warn_origins()
         await self.node.start()
         await self.server.start_serving()
         logger.info("listening on %s:%d%s (%s broker)", cfg.host, self.port,
@@ -166,7 +184,7 @@ class Hub:
         """The ordered shutdown of the module docstring. Never raises."""
         self.stopping = True
         self.server.close(close_connections=False)
-        conns = list(self.node.registry.connections())
+        conns = [*self.node.registry.connections(), *self._pending]
         logger.info("shutting down: closing %d connections with 1001", len(conns))
         timeout = self.config.shutdown_timeout
         tasks = [self.node.close_connection(c, CLOSE_GOING_AWAY, "server shutting down",
@@ -185,9 +203,17 @@ class Hub:
             logger.warning("the broker did not close within 5 s")
         logger.info("stopped")
 
+    def _warn_origins(self) -> None:
+        """Log a warning for each ``--allowed-origin`` value no browser can send."""
+        for problem in origin_problems(self.config.allowed_origin):
+            logger.warning("%s", problem)
+
     # -- handshake -------------------------------------------------------------------------
 
     def _process_request(self, conn: HubConnection, request: Request) -> Response | None:
+        """Answer the HTTP paths and decide a ``/ws`` handshake: None lets it upgrade.
+
+        Every refusal of ``/ws`` (and every 404) is logged once by :meth:`_refuse`."""
         path = request.path.partition("?")[0]
         if path == "/healthz":
             return conn.respond(http.HTTPStatus.OK, "OK\n")
@@ -204,36 +230,68 @@ class Hub:
                                         ("Connection", "close")])
             response.body = body
             return response
+        peer = conn.remote_address[0] if conn.remote_address else None
+        conn.remote = client_address(peer, request.headers.get_all("X-Forwarded-For"),
+                                     self._trusted)
         if path != "/ws":
-            return conn.respond(http.HTTPStatus.NOT_FOUND, "not found; the WebSocket endpoint "
-                                "is /ws\n")
+            return self._refuse(conn, path, http.HTTPStatus.NOT_FOUND,
+                                "not found; the WebSocket endpoint is /ws")
+        origins = request.headers.get_all("Origin")
+        if len(origins) > 1:
+            return self._refuse(conn, path, http.HTTPStatus.BAD_REQUEST,
+                                "more than one Origin header")
+        # Requests without Origin (non-browser clients) are accepted; browsers always send it.
+        if self._origins and origins and origins[0] not in self._origins:
+            return self._refuse(conn, path, http.HTTPStatus.FORBIDDEN,
+                                f"Origin {origins[0][:100]!r} is not an --allowed-origin")
         if self.stopping:
-            return conn.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "shutting down\n")
+            return self._refuse(conn, path, http.HTTPStatus.SERVICE_UNAVAILABLE,
+                                "shutting down")
         if self.open_connections >= self.config.max_connections:
-            return conn.respond(http.HTTPStatus.SERVICE_UNAVAILABLE,
-                                "too many connections\n")
+            return self._refuse(conn, path, http.HTTPStatus.SERVICE_UNAVAILABLE,
+                                "too many connections")
         authorization = request.headers.get_all("Authorization")
         if len(authorization) > 1:
-            return conn.respond(http.HTTPStatus.BAD_REQUEST,
-                                "more than one Authorization header\n")
+            return self._refuse(conn, path, http.HTTPStatus.BAD_REQUEST,
+                                "more than one Authorization header")
         try:
             identity = identify(request.path, authorization[0] if authorization else None,
                                 self.config.jwt_secret)
         except AuthError as exc:
             status = (http.HTTPStatus.BAD_REQUEST if self.config.jwt_secret is None
                       else http.HTTPStatus.UNAUTHORIZED)
-            logger.info("handshake rejected (%d): %s", status, exc)
-            return conn.respond(status, f"{exc}\n")
-        self._apply_identity(conn, identity)
+            return self._refuse(conn, path, status, str(exc))
+        if identity is None:  # no token offered: authenticate in-band with connect
+            conn.pending = True
+            self._pending.add(conn)
+        else:
+            self._apply_identity(conn, identity)
         conn.counted = True
         self.open_connections += 1
         return None
 
+    def _refuse(self, conn: HubConnection, path: str, status: http.HTTPStatus,
+                reason: str) -> Response:
+        """The response refusing a handshake, logged in one line (never the query string,
+        where a token may be): WARNING for 403, else INFO."""
+        logger.log(logging.WARNING if status == http.HTTPStatus.FORBIDDEN else logging.INFO,
+                   "handshake refused (%d) remote=%s path=%r: %s", status, conn.remote,
+                   path[:100], reason)
+        return conn.respond(status, f"{reason}\n")
+
     async def _process_response(self, conn: HubConnection, request: Request,
                                 response: Response) -> Response | None:
         """Register an accepted connection and make its personal channel live before the
-        101 goes out, so a backend may push to ``user:<id>`` as soon as the client is open."""
+        101 goes out, so a backend may push to ``user:<id>`` as soon as the client is open.
+        A connection pending authentication is registered at its ``connect`` instead."""
         if response.status_code != http.HTTPStatus.SWITCHING_PROTOCOLS:
+            exc = conn.protocol.handshake_exc
+            if exc is not None:  # websockets refused it (no Upgrade, bad key...): log it too
+                logger.info("handshake refused (%d) remote=%s path=%r: %s",
+                            response.status_code, conn.remote,
+                            request.path.partition("?")[0][:100], str(exc)[:200])
+            return None
+        if conn.pending:
             return None
         self.node.attach(conn)
         if conn.user is None:
@@ -242,7 +300,8 @@ class Hub:
             await self.node.subscribe(conn, personal_channel(conn.user))
         except BrokerUnavailable:
             self.node.detach(conn)
-            return conn.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "broker not connected\n")
+            return self._refuse(conn, request.path.partition("?")[0],
+                                http.HTTPStatus.SERVICE_UNAVAILABLE, "broker not connected")
         return None
 
     def _apply_identity(self, conn: HubConnection, identity: Identity) -> None:
@@ -266,6 +325,7 @@ class Hub:
 
     def forget(self, conn: HubConnection) -> None:
         """Called once the TCP connection is gone, whatever happened before."""
+        self._pending.discard(conn)
         if conn.expiry is not None:
             conn.expiry.cancel()
             conn.expiry = None
@@ -277,8 +337,9 @@ class Hub:
     # -- the connection --------------------------------------------------------------------
 
     async def _handler(self, conn: HubConnection) -> None:
-        remote = conn.remote_address[0] if conn.remote_address else "?"
-        logger.info("open user=%s remote=%s", conn.user, remote)
+        remote = conn.remote
+        logger.info("open user=%s remote=%s%s", conn.user, remote,
+                    " (pending authentication)" if conn.pending else "")
         # The handshake is over: hold none of its headers (cookies, a token in the query or
         # in Authorization) for the life of the connection; about 2 KiB per connection with
         # a library client's few headers, more with a browser's. Cleared in place: the
@@ -290,6 +351,8 @@ class Hub:
         conn.tokens = self._burst
         conn.refilled = time.monotonic()
         try:
+            if conn.pending and not await self._authenticate(conn):
+                return
             async for frame in conn:
                 if conn.dropping:  # being closed by the hub: let that close finish
                     continue
@@ -300,9 +363,74 @@ class Hub:
         except ConnectionClosed:
             pass
         finally:
+            self._pending.discard(conn)
             self.node.detach(conn)
             logger.info("close user=%s remote=%s code=%s", conn.user, remote,
                         conn.close_code)
+
+    async def _authenticate(self, conn: HubConnection) -> bool:
+        """In-band authentication of a pending connection: its first frame must be a valid
+        ``connect`` within ``--auth-timeout`` seconds. True once the connection is
+        authenticated, its personal channel live and the ack sent; False when it was closed
+        (4001, 4002, 4005, 4006, or 1011 when the broker cannot take the personal channel).
+        Raises ConnectionClosed when the client goes away first."""
+        secret = self.config.jwt_secret
+        assert secret is not None
+        try:
+            frame = await asyncio.wait_for(conn.recv(), self.config.auth_timeout)
+        except TimeoutError:
+            await self._deny(conn, CLOSE_AUTH_TIMEOUT, "authentication timeout",
+                             f"no connect within {self.config.auth_timeout:g} s")
+            return False
+        try:
+            cmd = parse_connect(frame)
+        except ProtocolError as exc:
+            await self._deny(conn, CLOSE_INVALID_TOKEN, "invalid token", exc.message)
+            return False
+        del frame
+        if cmd is None:
+            await self._deny(conn, CLOSE_AUTH_REQUIRED, "authentication required",
+                             "the first frame was not a connect command")
+            return False
+        assert cmd.token is not None
+        try:
+            identity = verify_token(cmd.token, secret)
+        except TokenExpired:
+            await self._deny(conn, CLOSE_TOKEN_EXPIRED, "token expired", "token expired")
+            return False
+        except AuthError as exc:
+            await self._deny(conn, CLOSE_INVALID_TOKEN, "invalid token", str(exc))
+            return False
+        assert identity.user is not None
+        conn.user = identity.user
+        conn.private = identity.channels
+        conn.pending = False
+        self._pending.discard(conn)
+        self.node.attach(conn)
+        try:
+            await self.node.subscribe(conn, personal_channel(identity.user))
+        except BrokerUnavailable as exc:
+            self.node.detach(conn)
+            logger.warning("connect refused user=%s remote=%s: personal channel: %s",
+                           conn.user, conn.remote, exc)
+            await conn.send(self._error(ProtocolError("unavailable", str(exc), cmd.id)),
+                            text=True)
+            await self.node.close_connection(conn, CLOSE_INTERNAL_ERROR, "broker unavailable",
+                                             SLOW_CLOSE_TIMEOUT)
+            return False
+        if conn.dropping or conn.protocol.state is not State.OPEN:  # closed meanwhile
+            return False
+        self._apply_identity(conn, identity)  # the exp timer starts with the ack
+        await conn.send(connect_ack_frame(cmd.id, identity.user, str(conn.id),
+                                          identity.expires_at), text=True)
+        logger.info("authenticated user=%s remote=%s", conn.user, conn.remote)
+        return True
+
+    async def _deny(self, conn: HubConnection, code: int, reason: str, detail: str) -> None:
+        """Close a pending connection with ``code`` (the close reason is ``reason``: short,
+        never the token) and log one line with ``detail``; returns once it is closed."""
+        logger.info("authentication failed (%d) remote=%s: %s", code, conn.remote, detail)
+        await self.node.close_connection(conn, code, reason, SLOW_CLOSE_TIMEOUT)
 
     async def _serve_frame(self, conn: HubConnection, frame: str | bytes) -> None:
         reply = await self._command(conn, frame)
@@ -379,6 +507,10 @@ class Hub:
             return ack_frame(cid)
         if op == "ping":
             return pong_frame(cid)
+        if op == "connect":  # a pending connection's connect never gets here
+            raise ProtocolError("bad_request", "already authenticated"
+                                if self.config.jwt_secret is not None
+                                else "authentication is off", cid)
         assert op == "refresh" and cmd.token is not None
         return self._refresh(conn, cmd.token, cid)
 

@@ -172,12 +172,10 @@ def make_token(sub="alice", secret=SECRET, **claims) -> str:
 async def test_jwt_handshake(redis_server, hub_factory):
     hub = hub_factory("--jwt-secret", SECRET, redis=redis_server)
     bad = [
-        {},
         {"additional_headers": {"Authorization": "Bearer " + make_token(secret="x" * 40)}},
         {"additional_headers": {"Authorization": "Bearer " + make_token(
             exp=int(time.time()) - 10)}},
         {"query": "?token=not-a-jwt"},
-        {"query": "?user=alice"},
     ]
     for case in bad:
         with pytest.raises(InvalidStatus) as info:
@@ -185,6 +183,14 @@ async def test_jwt_handshake(redis_server, hub_factory):
                                additional_headers=case.get("additional_headers")):
                 pass
         assert info.value.response.status_code == 401, case
+    # No token (and ?user=, which means nothing here) is pending in-band authentication:
+    # a first frame other than connect closes it with 4006 (tests/test_inband_auth.py).
+    for query in ("", "?user=alice"):
+        async with open_ws(hub.ws_url + query) as ws:
+            await ws.send(json.dumps({"op": "subscribe", "channel": "user:alice", "id": 1}))
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 10)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 4006, query
 
     good = make_token("alice", channels=["private:alice-*"])
     async with open_ws(hub.ws_url + "?token=" + good) as by_query, \
