@@ -17,6 +17,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import orjson
 
@@ -57,7 +58,7 @@ def _add_option(parser: argparse.ArgumentParser, opt: Option,
     (``default_help`` or :attr:`Option.default_help`)."""
     # default=None: "not given", so that Config.from_sources can fall back to the variable.
     shown = default_help or opt.default_help
-    kwargs: dict = {"dest": opt.name, "default": None,
+    kwargs: dict[str, Any] = {"dest": opt.name, "default": None,
                     "help": f"{opt.help} (env {opt.env}; default {shown})"}
     if opt.type is bool:
         kwargs["action"] = argparse.BooleanOptionalAction

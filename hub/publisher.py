@@ -26,7 +26,7 @@ from .exceptions import ProtocolError
 from .protocol import check_channel, encode_data, personal_channel
 from .sharding import shard_index
 
-__all__ = ["Publisher", "AsyncPublisher"]
+__all__ = ["AsyncPublisher", "Publisher"]
 
 
 def _clients(redis_url: str | Sequence[str], cluster: bool, socket_timeout: float,
@@ -72,8 +72,8 @@ class Publisher:
     def publish(self, channel: str, data: Any) -> int:
         name, payload = _message(channel, data, self.prefix)
         if self.cluster:
-            return self._clients[0].spublish(name, payload)
-        return self._clients[shard_index(channel, len(self._clients))].publish(name, payload)
+            return int(self._clients[0].spublish(name, payload))
+        return int(self._clients[shard_index(channel, len(self._clients))].publish(name, payload))
 
     def publish_to_user(self, user_id: str, data: Any) -> int:
         """Publish to the personal channel ``user:<user_id>`` of every connection of a user."""
@@ -106,9 +106,9 @@ class AsyncPublisher:
     async def publish(self, channel: str, data: Any) -> int:
         name, payload = _message(channel, data, self.prefix)
         if self.cluster:
-            return await self._clients[0].spublish(name, payload)
-        return await self._clients[shard_index(channel, len(self._clients))].publish(
-            name, payload)
+            return int(await self._clients[0].spublish(name, payload))
+        return int(await self._clients[shard_index(channel, len(self._clients))].publish(
+            name, payload))
 
     async def publish_to_user(self, user_id: str, data: Any) -> int:
         return await self.publish(personal_channel(user_id), data)

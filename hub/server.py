@@ -178,7 +178,8 @@ class Hub:
 
     @property
     def port(self) -> int:
-        return self.server.sockets[0].getsockname()[1]
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
 
     async def stop(self) -> None:
         """The ordered shutdown of the module docstring. Never raises."""
@@ -518,10 +519,9 @@ class Hub:
         if channel.startswith("user:"):
             if conn.user is None or channel != personal_channel(conn.user):
                 raise ProtocolError("forbidden", "the personal channel of another user", cid)
-        elif channel.startswith("private:"):
-            if not channel_matches(channel, conn.private):
-                raise ProtocolError("forbidden", "the token does not grant this private "
-                                    "channel", cid)
+        elif channel.startswith("private:") and not channel_matches(channel, conn.private):
+            raise ProtocolError("forbidden", "the token does not grant this private "
+                                "channel", cid)
 
     def _refresh(self, conn: HubConnection, token: str, cid: object) -> bytes:
         secret = self.config.jwt_secret

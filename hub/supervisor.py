@@ -43,6 +43,7 @@ import sys
 import time
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
+from typing import Any
 
 from redis.backoff import EqualJitterBackoff
 
@@ -135,7 +136,7 @@ def _check_bind(host: str, port: int, *, share_port: bool = False) -> None:
                               "--share-port to join them (a rolling restart)")
 
 
-def _bind_error(family: int, type_: int, proto: int, address: tuple, *,
+def _bind_error(family: int, type_: int, proto: int, address: tuple[Any, ...], *,
                 reuse_port: bool) -> OSError | None:
     """The error of binding a fresh socket (SO_REUSEADDR, and SO_REUSEPORT when
     ``reuse_port``) to ``address``; None when the bind succeeds. The socket is closed again."""
