@@ -1,0 +1,205 @@
+"""The examples in examples/ work: each runs against a real hub process and a real Redis, and a
+real WebSocket client receives what the example pushes."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import sys
+import time
+from types import ModuleType
+
+import jwt
+import pytest
+
+from hub import Publisher
+
+from .conftest import ROOT, wait_until
+from .wsutil import command, no_message, open_ws, recv_json, subscribe
+
+SECRET = "examples-test-secret-of-at-least-32-bytes!"
+
+
+def load_example(name: str) -> ModuleType:
+    """Import ``examples/<name>.py`` by path, under a name no other module uses."""
+    module_name = f"hub_example_{name}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, ROOT / "examples" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def message(channel: str, data) -> dict:
+    return {"type": "message", "channel": channel, "data": data}
+
+
+@pytest.mark.parametrize("name", ["django_notify", "fastapi_app", "flask_app", "token_endpoint"])
+def test_every_example_says_how_to_run_it(name):
+    text = (ROOT / "examples" / f"{name}.py").read_text()
+    doc = text.split('"""')[1]
+    assert "Run it by hand" in doc and "hub serve" in doc
+
+
+# -- Django -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def django_example(tmp_path_factory):
+    pytest.importorskip("django")
+    module = load_example("django_notify")
+    module.configure(tmp_path_factory.mktemp("django"), "redis://127.0.0.1:1/0",
+                     notes_per_user=1)
+    return module
+
+
+async def test_django_pushes_a_committed_write_and_nothing_on_rollback(
+        django_example, redis_server, hub_factory):
+    from django.db import connection
+    from django.test import Client, override_settings
+
+    hub = hub_factory(redis=redis_server)
+
+    def post(user_id: str, text: str):
+        # Django refuses database calls from a thread running an event loop: use another.
+        with override_settings(HUB_REDIS_URL=redis_server.url):
+            return Client().post(f"/notes/{user_id}", {"text": text})
+
+    def count(user_id: str) -> int:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT COUNT(*) FROM notes WHERE user_id = %s", [user_id])
+            return cursor.fetchone()[0]
+
+    async with open_ws(hub.ws_url + "?user=dj-alice") as ws:
+        response = await asyncio.to_thread(post, "dj-alice", "hello")
+        assert response.status_code == 201, response.content
+        note = response.json()["note"]
+        assert await recv_json(ws) == message("user:dj-alice", {"note": note, "text": "hello"})
+
+        # Past the quota the view's transaction rolls back after the insert: on_commit never
+        # runs, so nothing is pushed and the row is gone.
+        response = await asyncio.to_thread(post, "dj-alice", "one too many")
+        assert response.status_code == 429, response.content
+        await no_message(ws, 0.5)
+        assert await asyncio.to_thread(count, "dj-alice") == 1
+
+
+# -- FastAPI ------------------------------------------------------------------------------
+
+
+async def test_fastapi_lifespan_publisher_pushes(redis_server, hub_factory):
+    pytest.importorskip("fastapi")
+    from starlette.testclient import TestClient
+
+    example = load_example("fastapi_app")
+    hub = hub_factory(redis=redis_server)
+    redis_client = redis_server.client()
+    async with open_ws(hub.ws_url) as ws:
+        await subscribe(ws, "news")
+        clients_before = len(redis_client.client_list())
+
+        def run():
+            # As a context manager TestClient runs the lifespan: the publisher is opened
+            # before the first request and closed after the last.
+            with TestClient(example.create_app(redis_server.url)) as client:
+                ok = client.post("/announce", json={"channel": "news", "data": {"title": "hi"}})
+                bad = client.post("/announce", json={"channel": "no spaces", "data": 1})
+                during = len(redis_client.client_list())
+                return ok, bad, during
+
+        ok, bad, clients_during = await asyncio.to_thread(run)
+        assert ok.status_code == 200 and ok.json() == {"reached": 1}
+        assert bad.status_code == 422 and "bad_channel" in bad.text
+        assert await recv_json(ws) == message("news", {"title": "hi"})
+        await no_message(ws)
+        # The publisher held a Redis connection while the app ran; the lifespan's end closed it.
+        assert clients_during == clients_before + 1
+        await asyncio.to_thread(wait_until, lambda: len(redis_client.client_list())
+                                <= clients_before, 5, what="the publisher's connection closed")
+
+
+# -- Flask --------------------------------------------------------------------------------
+
+
+async def test_flask_view_pushes(redis_server, hub_factory):
+    example = load_example("flask_app")
+    hub = hub_factory(redis=redis_server)
+    client = example.create_app(redis_server.url).test_client()
+    async with open_ws(hub.ws_url + "?user=fl-bob") as ws:
+        response = client.post("/notify/fl-bob", json={"text": "you have mail"})
+        assert response.status_code == 200 and response.get_json() == {"reached": 1}
+        assert await recv_json(ws) == message("user:fl-bob", {"text": "you have mail"})
+
+        assert client.post("/notify/fl-bob", json={"txt": 1}).status_code == 400
+        assert client.post("/notify/no%20spaces", json={"text": "x"}).status_code == 400
+        await no_message(ws)
+
+
+# -- Token endpoint -----------------------------------------------------------------------
+
+
+def fetch_token(example: ModuleType, user_id: str) -> str:
+    app = example.create_app(SECRET, channels_for=lambda user: ("private:team-red:*",
+                                                                f"private:{user}-reports"))
+    client = app.test_client()
+    assert client.get("/hub-token").status_code == 401  # nobody logged in
+    with client.session_transaction() as session:
+        session["user_id"] = user_id
+    response = client.get("/hub-token")
+    assert response.status_code == 200, response.data
+    body = response.get_json()
+    assert body["user"] == user_id
+    return body["token"]
+
+
+def test_mint_token_claims():
+    example = load_example("token_endpoint")
+    token = example.mint_token("carol", SECRET, channels=["private:a"], ttl=60)
+    assert jwt.get_unverified_header(token)["alg"] == "HS256"
+    claims = jwt.decode(token, SECRET, algorithms=["HS256"])
+    assert claims["sub"] == "carol" and claims["channels"] == ["private:a"]
+    assert abs(claims["exp"] - (time.time() + 60)) < 30  # now + ttl, give or take
+    for bad in ({"user_id": ""}, {"user_id": "x", "ttl": 0}):
+        with pytest.raises(ValueError):
+            example.mint_token(**{"user_id": "x", "secret": SECRET, **bad})
+
+
+async def check_token_grants(ws, redis_server, user_id: str) -> None:
+    assert await command(ws, op="subscribe", channel="private:team-red:general", id=2) == {
+        "type": "ack", "id": 2}
+    reply = await command(ws, op="subscribe", channel="private:team-blue:general", id=3)
+    assert reply["type"] == "error" and reply["code"] == "forbidden", reply
+    with Publisher(redis_server.url) as pub:
+        assert pub.publish_to_user(user_id, {"text": "hi"}) == 1
+        assert pub.publish("private:team-red:general", 7) == 1
+    assert await recv_json(ws) == message(f"user:{user_id}", {"text": "hi"})
+    assert await recv_json(ws) == message("private:team-red:general", 7)
+
+
+async def test_token_endpoint_header_auth(redis_server, hub_factory):
+    example = load_example("token_endpoint")
+    hub = hub_factory("--jwt-secret", SECRET, redis=redis_server)
+    token = fetch_token(example, "tk-dave")
+    async with open_ws(hub.ws_url,
+                       additional_headers={"Authorization": f"Bearer {token}"}) as ws:
+        await check_token_grants(ws, redis_server, "tk-dave")
+
+
+def in_band_auth_landed() -> bool:
+    return '"connect"' in (ROOT / "hub" / "protocol.py").read_text()
+
+
+@pytest.mark.skipif(not in_band_auth_landed(), reason="in-band connect not in hub/protocol.py")
+async def test_token_endpoint_in_band_connect(redis_server, hub_factory):
+    example = load_example("token_endpoint")
+    hub = hub_factory("--jwt-secret", SECRET, redis=redis_server)
+    token = fetch_token(example, "tk-erin")
+    async with open_ws(hub.ws_url) as ws:  # no token on the handshake: the browser's way
+        await ws.send(json.dumps({"op": "connect", "token": token, "id": 1}))
+        reply = await recv_json(ws)
+        assert reply["type"] == "ack" and reply["id"] == 1 and reply["user"] == "tk-erin", reply
+        await check_token_grants(ws, redis_server, "tk-erin")
