@@ -3,6 +3,7 @@ real WebSocket client receives what the example pushes."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import importlib.util
 import json
@@ -10,8 +11,10 @@ import sys
 import time
 from types import ModuleType
 
+import httpx
 import jwt
 import pytest
+from asgi_lifespan import LifespanManager
 
 from hub import Publisher
 
@@ -21,12 +24,21 @@ from .wsutil import command, no_message, open_ws, recv_json, subscribe
 SECRET = "examples-test-secret-of-at-least-32-bytes!"
 
 
+EXAMPLES = {
+    "django_notify": ROOT / "examples" / "django_notify" / "app.py",
+    "fastapi_app": ROOT / "examples" / "fastapi_app.py",
+    "flask_app": ROOT / "examples" / "flask_app.py",
+    "token_endpoint": ROOT / "examples" / "token_endpoint.py",
+}
+
+
 def load_example(name: str) -> ModuleType:
-    """Import ``examples/<name>.py`` by path, under a name no other module uses."""
+    """Import the example ``name`` (a key of EXAMPLES) by path, under a name no other module
+    uses (not as an installed package: examples/ is not one)."""
     module_name = f"hub_example_{name}"
     if module_name in sys.modules:
         return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, ROOT / "examples" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(module_name, EXAMPLES[name])
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
@@ -38,11 +50,12 @@ def message(channel: str, data) -> dict:
     return {"type": "message", "channel": channel, "data": data}
 
 
-@pytest.mark.parametrize("name", ["django_notify", "fastapi_app", "flask_app", "token_endpoint"])
-def test_every_example_says_how_to_run_it(name):
-    text = (ROOT / "examples" / f"{name}.py").read_text()
-    doc = text.split('"""')[1]
-    assert "Run it by hand" in doc and "hub serve" in doc
+def test_every_example_is_tested_and_says_how_to_run_it():
+    found = {p for p in (ROOT / "examples").rglob("*.py") if "__pycache__" not in p.parts}
+    assert found == set(EXAMPLES.values())
+    for path in found:
+        doc = ast.get_docstring(ast.parse(path.read_text()))
+        assert doc and "Run it by hand" in doc and "hub serve" in doc, path
 
 
 # -- Django -------------------------------------------------------------------------------
@@ -50,7 +63,6 @@ def test_every_example_says_how_to_run_it(name):
 
 @pytest.fixture(scope="module")
 def django_example(tmp_path_factory):
-    pytest.importorskip("django")
     module = load_example("django_notify")
     module.configure(tmp_path_factory.mktemp("django"), "redis://127.0.0.1:1/0",
                      notes_per_user=1)
@@ -92,32 +104,26 @@ async def test_django_pushes_a_committed_write_and_nothing_on_rollback(
 
 
 async def test_fastapi_lifespan_publisher_pushes(redis_server, hub_factory):
-    pytest.importorskip("fastapi")
-    from starlette.testclient import TestClient
-
     example = load_example("fastapi_app")
     hub = hub_factory(redis=redis_server)
     redis_client = redis_server.client()
+    app = example.create_app(redis_server.url)
     async with open_ws(hub.ws_url) as ws:
         await subscribe(ws, "news")
         clients_before = len(redis_client.client_list())
-
-        def run():
-            # As a context manager TestClient runs the lifespan: the publisher is opened
-            # before the first request and closed after the last.
-            with TestClient(example.create_app(redis_server.url)) as client:
-                ok = client.post("/announce", json={"channel": "news", "data": {"title": "hi"}})
-                bad = client.post("/announce", json={"channel": "no spaces", "data": 1})
-                during = len(redis_client.client_list())
-                return ok, bad, during
-
-        ok, bad, clients_during = await asyncio.to_thread(run)
-        assert ok.status_code == 200 and ok.json() == {"reached": 1}
-        assert bad.status_code == 422 and "bad_channel" in bad.text
-        assert await recv_json(ws) == message("news", {"title": "hi"})
+        # LifespanManager runs the app's lifespan (ASGITransport alone does not): the publisher
+        # is opened before the first request and closed after the last.
+        async with LifespanManager(app) as manager, httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=manager.app), base_url="http://app") as client:
+            ok = await client.post("/announce", json={"channel": "news", "data": {"title": "hi"}})
+            assert ok.status_code == 200 and ok.json() == {"reached": 1}
+            assert await recv_json(ws) == message("news", {"title": "hi"})
+            bad = await client.post("/announce", json={"channel": "no spaces", "data": 1})
+            assert bad.status_code == 422 and "bad_channel" in bad.text
+            # The publisher holds one Redis connection while the app runs.
+            assert len(redis_client.client_list()) == clients_before + 1
         await no_message(ws)
-        # The publisher held a Redis connection while the app ran; the lifespan's end closed it.
-        assert clients_during == clients_before + 1
+        # The lifespan's end closed it.
         await asyncio.to_thread(wait_until, lambda: len(redis_client.client_list())
                                 <= clients_before, 5, what="the publisher's connection closed")
 
@@ -156,16 +162,29 @@ def fetch_token(example: ModuleType, user_id: str) -> str:
     return body["token"]
 
 
-def test_mint_token_claims():
+def test_mint_token_claims(monkeypatch):
+    monkeypatch.delenv("HUB_JWT_SECRET", raising=False)
     example = load_example("token_endpoint")
-    token = example.mint_token("carol", SECRET, channels=["private:a"], ttl=60)
+    token = example.mint_token("carol", channels=["private:a"], ttl=60, secret=SECRET)
     assert jwt.get_unverified_header(token)["alg"] == "HS256"
     claims = jwt.decode(token, SECRET, algorithms=["HS256"])
     assert claims["sub"] == "carol" and claims["channels"] == ["private:a"]
     assert abs(claims["exp"] - (time.time() + 60)) < 30  # now + ttl, give or take
-    for bad in ({"user_id": ""}, {"user_id": "x", "ttl": 0}):
+    for bad in ({"user_id": ""}, {"ttl": 0}, {"channels": "private:a"},
+                {"secret": "too short"}, {"secret": None}):
         with pytest.raises(ValueError):
             example.mint_token(**{"user_id": "x", "secret": SECRET, **bad})
+
+
+def test_mint_token_reads_the_hubs_variable(monkeypatch):
+    example = load_example("token_endpoint")
+    monkeypatch.setenv("HUB_JWT_SECRET", SECRET)
+    token = example.mint_token("carol")
+    assert jwt.decode(token, SECRET, algorithms=["HS256"])["channels"] == []
+    assert example.create_app().test_client().get("/hub-token").status_code == 401
+    monkeypatch.delenv("HUB_JWT_SECRET")
+    with pytest.raises(ValueError):
+        example.create_app()
 
 
 async def check_token_grants(ws, redis_server, user_id: str) -> None:
@@ -189,11 +208,6 @@ async def test_token_endpoint_header_auth(redis_server, hub_factory):
         await check_token_grants(ws, redis_server, "tk-dave")
 
 
-def in_band_auth_landed() -> bool:
-    return '"connect"' in (ROOT / "hub" / "protocol.py").read_text()
-
-
-@pytest.mark.skipif(not in_band_auth_landed(), reason="in-band connect not in hub/protocol.py")
 async def test_token_endpoint_in_band_connect(redis_server, hub_factory):
     example = load_example("token_endpoint")
     hub = hub_factory("--jwt-secret", SECRET, redis=redis_server)

@@ -10,7 +10,7 @@ Run it by hand (three terminals, from the repository root; ``pip install django`
 
     redis-server --port 6379
     hub serve --redis-url redis://127.0.0.1:6379/0
-    HUB_REDIS_URL=redis://127.0.0.1:6379/0 python examples/django_notify.py runserver 8000
+    HUB_REDIS_URL=redis://127.0.0.1:6379/0 python examples/django_notify/app.py runserver 8000
 
 then connect a client to ``ws://127.0.0.1:8765/ws?user=alice`` (README, "Using it") and::
 
