@@ -1,7 +1,8 @@
 """The node: joins the local registry, the broker and the fan-out of one hub process.
 
-One message's way: the broker hands ``(channel, payload)`` to :meth:`Node.deliver`, which
-looks the channel up in the registry, returns at once if nobody local listens, builds the
+One message's way: the broker hands a :class:`~hub.brokers.base.Publication` to
+:meth:`Node.on_publication` (the node is the broker's handler, bound once in its constructor),
+which looks the channel up in the registry, returns at once if nobody local listens, builds the
 delivery frame once (JSON text and its RFC 6455 wire bytes), and writes those same bytes to
 every local subscriber (:func:`fan_out`); a connection whose write buffer passes the limit on
 the way is dropped right after as a slow consumer (close code 4008).
@@ -24,8 +25,7 @@ from websockets.asyncio.server import broadcast
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
-from .broker import Broker, create_broker
-from .config import Config
+from .brokers.base import Broker, Publication
 from .exceptions import BrokerUnavailable
 from .metrics import Metrics
 from .protocol import CLOSE_SLOW_CONSUMER, gap_frame, message_frame, payload_to_json
@@ -57,9 +57,9 @@ def fan_out(conns: Iterable[Conn], text: bytes) -> None:
 
     The frame is serialized once (``websockets.frames.Frame.serialize``: FIN, opcode 0x1,
     unmasked, as a server sends it; RFC 6455 section 5.2) and the same bytes are written to
-    each connection's transport. ``websockets``' ``broadcast()`` would build and serialize a
-    ``Frame`` per recipient: ``python -m bench.fanout`` measured 23.5 us of CPU per delivery
-    for it against 15.7 us for this (docs/benchmarks.md). This is sound for the library's asyncio connections because:
+    each connection's transport, where ``websockets``' ``broadcast()`` would build and
+    serialize a ``Frame`` per recipient (``python -m bench.fanout`` measures both;
+    docs/benchmarks.md). This is sound for the library's asyncio connections because:
 
     * a connection gets bytes only while ``protocol.state`` is OPEN (as ``broadcast()``
       checks), so nothing follows a close frame;
@@ -92,31 +92,28 @@ def fan_out(conns: Iterable[Conn], text: bytes) -> None:
 
 
 class Node:
-    """Registry, broker and fan-out of one process.
+    """Registry, broker and fan-out of one process; the handler of its broker.
 
-    ``config`` supplies the limits (``max_buffer_bytes`` in bytes); ``metrics`` is updated as
-    messages flow. Call :meth:`start` before use and :meth:`stop` at shutdown.
+    ``broker`` is an unbound broker (:func:`hub.brokers.create_broker`); the node binds itself
+    to it here, once (:meth:`hub.brokers.base.Broker.bind` raises if it is already bound).
+    ``metrics`` is updated as messages flow. Call :meth:`start` before use and :meth:`stop` at
+    shutdown.
     """
 
-    def __init__(self, config: Config, metrics: Metrics | None = None,
-                 broker: Broker | None = None) -> None:
-        self.config = config
+    def __init__(self, broker: Broker, metrics: Metrics | None = None) -> None:
         self.metrics = metrics or Metrics()
         self.registry: Registry[Any] = Registry()
-        self.broker = broker or create_broker(config, self.deliver, self.signal_gap)
-        self.broker.on_message = self.deliver
-        self.broker.on_gap = self.signal_gap
+        self.broker = broker
         self._locks: dict[str, list[Any]] = {}  # channel -> [Lock, users]
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._reconnects_seen = 0
         self.metrics.bind(
             connections=lambda: len(self.registry),
             subscriptions=lambda: sum(len(c) for c in self.registry.channels_of.values()),
             channels=lambda: len(self.registry.by_channel),
             broker_connected=lambda: 1.0 if self.broker.connected else 0.0,
         )
-        if hasattr(self.broker, "on_state"):
-            self.broker.on_state = self._on_broker_state
-        self._reconnects_seen = 0
+        broker.bind(self)
 
     async def start(self) -> None:
         await self.broker.start()
@@ -130,15 +127,16 @@ class Node:
     def ready(self) -> bool:
         return self.broker.connected
 
-    # -- fan-out (the hot path) ------------------------------------------------------------
+    # -- the broker's handler: fan-out (the hot path), gaps, link state --------------------
 
-    def deliver(self, channel: str, payload: bytes) -> None:
-        """Fan one broker message out to the local subscribers of ``channel``."""
+    def on_publication(self, publication: Publication) -> None:
+        """Fan one broker message out to the local subscribers of its channel."""
         self.metrics.received.inc()
+        channel = publication.channel
         conns = self.registry.by_channel.get(channel)
         if not conns:
             return
-        frame = message_frame(orjson.dumps(channel), payload_to_json(payload))
+        frame = message_frame(orjson.dumps(channel), payload_to_json(publication.payload))
         # A connection whose write buffer passes --max-buffer-bytes during this call is
         # reported by its transport (pause_writing) and dropped right after: see
         # HubConnection.pause_writing. No per-recipient check here.
@@ -157,7 +155,7 @@ class Node:
         self.detach(conn)
         self.close_connection(conn, CLOSE_SLOW_CONSUMER, "slow consumer", SLOW_CLOSE_TIMEOUT)
 
-    def signal_gap(self, channels: list[str]) -> None:
+    def on_gap(self, channels: list[str]) -> None:
         """Tell every local subscriber of ``channels`` that messages may have been lost."""
         affected: dict[Any, list[str]] = {}
         for channel in channels:
@@ -169,8 +167,9 @@ class Node:
         logger.warning("broker gap: %d channels, %d connections told", len(channels),
                        len(affected))
 
-    def _on_broker_state(self, connected: bool) -> None:
-        total = getattr(self.broker, "reconnects", 0)
+    def on_state(self, connected: bool) -> None:
+        """Count the broker's reconnects into ``hub_broker_reconnects_total``."""
+        total = self.broker.reconnects
         if total > self._reconnects_seen:
             self.metrics.broker_reconnects.inc(total - self._reconnects_seen)
             self._reconnects_seen = total

@@ -27,6 +27,7 @@ from websockets.protocol import State
 from websockets.typing import Origin
 
 from .auth import Identity, identify, origin_problems, verify_token
+from .brokers import create_broker
 from .config import Config, address_error
 from .exceptions import AuthError, BrokerUnavailable, ProtocolError, TokenExpired
 from .forwarded import client_address, parse_networks
@@ -109,7 +110,10 @@ class Hub:
     def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
-        self.node = Node(config, self.metrics)
+        broker = create_broker(config.redis_url, cluster=config.redis_cluster,
+                               prefix=config.redis_prefix, probe_interval=config.probe_interval,
+                               probe_timeout=config.probe_timeout)
+        self.node = Node(broker, self.metrics)
         # Count TCP connections from handshake to connection_lost, not registry entries, so
         # that a connection being closed still counts until it is really gone.
         self.metrics.connections.set_function(lambda: self.open_connections)

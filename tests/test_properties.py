@@ -16,8 +16,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from hub.broker_memory import MemoryBroker
-from hub.config import Config
+from hub.brokers.memory import MemoryBroker
 from hub.exceptions import ProtocolError
 from hub.node import Node
 from hub.protocol import (
@@ -320,7 +319,7 @@ class YieldingBroker(MemoryBroker):
     that operations on one channel overlap."""
 
     def __init__(self, rng: random.Random) -> None:
-        super().__init__(lambda c, p: None, lambda chs: None)
+        super().__init__()
         self.rng = rng
 
     async def subscribe(self, channel: str, timeout: float) -> None:
@@ -350,9 +349,8 @@ async def settle(node: Node, mine: set) -> None:
 
 
 async def run_node_scenario(ops, slow: bool, seed: int) -> None:
-    broker = (YieldingBroker(random.Random(seed)) if slow
-              else MemoryBroker(lambda c, p: None, lambda chs: None))
-    node = Node(Config(), broker=broker)
+    broker = YieldingBroker(random.Random(seed)) if slow else MemoryBroker()
+    node = Node(broker)
     await node.start()
     conns: dict[int, FakeConn] = {}
     mine: set[asyncio.Task] = set()

@@ -1,18 +1,19 @@
-"""The Redis Cluster broker: sharded pub/sub, one link per master, rebuilt by the broker itself.
+"""The Redis Cluster broker: sharded pub/sub, one :class:`PubSubLink` per master.
 
 Hub channel ``news`` is the shard channel ``<prefix>news`` (default prefix ``hub:``); it lives
 on the master that owns its key slot (CRC16 of the name, or of the part between the first
 ``{`` and the next ``}``, modulo 16384), and a backend reaches its subscribers with
 ``SPUBLISH hub:news <payload>`` sent to that master (``redis-cli -c``, or any cluster client).
 
-How the links are kept honest (the same rules as :class:`hub.broker_redis.RedisBroker`):
+How the links are kept honest (the same rules as :class:`hub.brokers.redis.RedisBroker`):
 
 * The slot map comes from ``CLUSTER SLOTS``, asked of a connected master or else the seed
-  node. There is one link per master that owns slots: a pub/sub connection carrying the
-  ``SSUBSCRIBE`` of every wanted channel in the master's slots, and a command connection for
-  ``SPUBLISH``. redis-py gets no retries on either; a lost link is rebuilt by the broker with
-  capped, jittered backoff, it resubscribes from the broker's own wanted set, and the channels
-  that were live on the lost link are reported to ``on_gap`` once they are confirmed again.
+  node. There is one link per master that owns slots (:mod:`hub.brokers.link`, in its sharded
+  flavour): a pub/sub connection carrying the ``SSUBSCRIBE`` of every wanted channel in the
+  master's slots, and a command connection for ``SPUBLISH``. redis-py gets no retries on
+  either; a lost link rebuilds itself with capped, jittered backoff and resubscribes from this
+  broker's wanted set, and the channels that were live on the lost link are reported to
+  :meth:`~hub.brokers.base.BrokerHandler.on_gap` once they are confirmed again.
 * Each link has its own liveness probe: every ``probe_interval`` seconds it SPUBLISHes to a
   private shard channel (``<prefix>$probe:{<tag>}:<id>``, its tag chosen so that the channel
   hashes to a slot of that master) and expects it back within ``probe_timeout`` seconds.
@@ -33,26 +34,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections import defaultdict
 from urllib.parse import urlsplit, urlunsplit
 
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from redis.exceptions import AskError, RedisError, ResponseError
 
-from .broker import Broker, OnGap, OnMessage, stop_task
-from .broker_redis import (
+from ..exceptions import BrokerUnavailable
+from .base import Broker
+from .link import (
     BACKOFF_BASE,
     BACKOFF_CAP,
     MIN_DELAY,
+    SHARDED,
     PubSubLink,
     no_retry_client,
     redact_url,
+    stop_task,
 )
-from .config import Config
-from .exceptions import BrokerUnavailable
 
-__all__ = ["ClusterBroker"]
+__all__ = ["ClusterBroker", "node_url"]
 
 logger = logging.getLogger("hub.broker")
 
@@ -70,55 +71,57 @@ class ClusterBroker(Broker):
 
     ``seed_url`` is a redis-py URL of any cluster node (``redis://[user:password@]host:port``,
     ``rediss://`` for TLS); the other masters are reached with the same credentials at the
-    address the cluster announces. Timeouts come from ``config.probe_interval`` and
-    ``config.probe_timeout`` (seconds). :attr:`connected` is true while every master that
-    owns slots has a confirmed link; a lost master affects only the channels in its slots.
+    address the cluster announces. ``prefix`` is the Redis channel prefix; ``probe_interval``
+    the seconds between liveness probes and ``probe_timeout`` the seconds a probe, a connect or
+    a command may take. :attr:`connected` is true while every master that owns slots has a
+    confirmed link; a lost master affects only the channels in its slots.
     """
 
-    def __init__(self, seed_url: str, config: Config, on_message: OnMessage, on_gap: OnGap,
-                 ) -> None:
-        super().__init__(on_message, on_gap)
+    def __init__(self, seed_url: str, *, prefix: str = "hub:", probe_interval: float = 1.0,
+                 probe_timeout: float = 2.0) -> None:
+        super().__init__()
         self.seed_url = seed_url
         self.name = redact_url(seed_url)
-        self.prefix = config.redis_prefix.encode()
-        self.probe_interval = config.probe_interval
-        self.timeout = config.probe_timeout
-        self.confirm_timeout = max(5.0, 2 * config.probe_timeout)
+        self.prefix = prefix.encode()
+        self.probe_interval = probe_interval
+        self.timeout = probe_timeout
         self.id = uuid.uuid4().hex.encode()
         self.backoff = ExponentialWithJitterBackoff(cap=BACKOFF_CAP, base=BACKOFF_BASE)
         self.dirty = asyncio.Event()  # set: read the slot map again
-        self.links: dict[str, _Link] = {}  # "host:port" of each master -> its link
-        self.route: dict[str, _Link] = {}  # wanted channel -> the link it is subscribed on
-        self.lost: set[str] = set()  # channels live on a lost link, not yet confirmed again
+        self.links: dict[str, PubSubLink] = {}  # "host:port" of each master -> its link
+        self.route: dict[str, PubSubLink] = {}  # wanted channel -> the link it is subscribed on
+        self._lost: set[str] = set()  # channels live on a lost link, not yet confirmed again
         self._slots: list[str | None] = [None] * REDIS_CLUSTER_HASH_SLOTS
         self._want: set[str] = set()
         self._waiters: dict[str, asyncio.Future[None]] = {}
         self._task: asyncio.Task[None] | None = None
         self._state = False
-        #: Incremented each time a lost master link is confirmed again (a reconnect).
-        self.reconnects = 0
-        #: Called with True/False on every change of :attr:`connected` (after
-        #: :attr:`reconnects` is counted up).
-        self.on_state = lambda connected: None
+        self._reconnects = 0
 
     # -- Broker interface ------------------------------------------------------------------
 
     async def start(self) -> None:
+        self.handler  # noqa: B018 - raises if unbound, before any link starts
         self.dirty.set()
         self._task = asyncio.create_task(self._run(), name=f"redis-cluster {self.name}")
 
     async def stop(self) -> None:
         await stop_task(self._task)
         links, self.links = list(self.links.values()), {}
-        await asyncio.gather(*(link.stop_link() for link in links))
+        await asyncio.gather(*(link.stop() for link in links))
 
     @property
     def connected(self) -> bool:
         return bool(self.links) and all(link.ready for link in self.links.values())
 
+    @property
+    def reconnects(self) -> int:
+        """Incremented each time a lost master link is confirmed again."""
+        return self._reconnects
+
     def is_live(self, channel: str) -> bool:
         link = self.route.get(channel)
-        return link is not None and channel in link.live
+        return link is not None and link.is_live(channel)
 
     async def subscribe(self, channel: str, timeout: float) -> None:
         """Return once the master of the channel's slot confirms ``SSUBSCRIBE <prefix><channel>``
@@ -145,11 +148,10 @@ class ClusterBroker(Broker):
         never raises: a lost link forgets its subscriptions anyway."""
         self._want.discard(channel)
         self._waiters.pop(channel, None)
-        self.lost.discard(channel)
+        self._lost.discard(channel)
         link = self.route.pop(channel, None)
         if link is not None:
-            link.live.discard(channel)
-            await link.send("sunsubscribe", self.key(channel))
+            await link.unsubscribe(channel)
 
     async def publish(self, channel: str, payload: bytes) -> int:
         """``SPUBLISH <prefix><channel> <payload>`` on the master of the channel's slot
@@ -159,15 +161,14 @@ class ClusterBroker(Broker):
         Raises :class:`BrokerUnavailable` if that master has no confirmed link, or the
         command fails or takes more than ``probe_timeout`` seconds.
         """
-        key = self.key(channel)
-        node = self._slots[key_slot(key)]
+        node = self.owner(self.key(channel))
         for _ in range(2):
             link = self.links.get(node or "")
-            if link is None or link.client is None or not link.ready:
+            if link is None or not link.ready:
                 raise BrokerUnavailable(f"Redis Cluster {self.name}: no link to the master "
                                         f"of {channel!r} ({node or 'slot not covered'})")
             try:
-                return await asyncio.wait_for(link.client.spublish(key, payload), self.timeout)
+                return await link.publish(channel, payload)
             except AskError as exc:  # MovedError too: the slot has another owner
                 self.dirty.set()
                 node = f"{exc.host}:{exc.port}"
@@ -184,62 +185,84 @@ class ClusterBroker(Broker):
         """``host:port`` of the master serving ``key``'s slot, as last read; None: unknown."""
         return self._slots[key_slot(key)]
 
-    def channels_of(self, link: _Link) -> list[str]:
-        return [channel for channel, on in self.route.items() if on is link]
-
-    def probe_channel(self, node: str) -> bytes:
-        """A private shard channel of this process whose slot ``node`` serves."""
-        for tag in range(1 << 17):  # tags 0..109757 cover all 16384 slots
-            key = b"%s$probe:{%d}:%s" % (self.prefix, tag, self.id)
-            if self.owner(key) == node:
-                return key
-        raise ConnectionError(f"{node} serves no hash slot")
-
     async def _place(self, channel: str) -> None:
         """Subscribe a wanted channel on the master of its slot, leaving the old one if it
         moved; resend SSUBSCRIBE if it is not confirmed (an earlier one was refused)."""
-        key = self.key(channel)
-        link = self.links.get(self.owner(key) or "")
+        link = self.links.get(self.owner(self.key(channel)) or "")
         old = self.route.get(channel)
         if old is not None and old is not link:
             del self.route[channel]
-            if channel in old.live:
-                old.live.discard(channel)
-                self.lost.add(channel)
-            await old.send("sunsubscribe", key)
+            if old.is_live(channel):
+                self._lost.add(channel)
+            await old.unsubscribe(channel)
         if link is None:
             self.dirty.set()
             return
         self.route[channel] = link
-        if channel not in link.live:
-            await link.send("ssubscribe", key)
-
-    def confirmed(self, link: _Link, channel: str) -> None:
-        """``link`` confirmed the SSUBSCRIBE of ``channel``."""
-        if self.route.get(channel) is not link:
-            return
-        link.live.add(channel)
-        waiter = self._waiters.pop(channel, None)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-        if link.ready and channel in self.lost:
-            self.lost.discard(channel)
-            self.on_gap([channel])
-
-    def dropped(self, link: _Link, channel: str) -> None:
-        """``link``'s master unsubscribed ``channel`` (its slot moved), or confirmed ours."""
-        if self.route.get(channel) is not link:
-            return
-        if channel in link.live:
-            link.live.discard(channel)
-            self.lost.add(channel)
-        self.dirty.set()
+        if not link.is_live(channel):
+            await link.subscribe(channel)
 
     def state_changed(self) -> None:
         connected = self.connected
         if connected != self._state:
             self._state = connected
-            self.on_state(connected)
+            self.handler.on_state(connected)
+
+    # -- LinkOwner hooks (called by the links only) ----------------------------------------
+
+    def probe_channel(self, link: PubSubLink) -> bytes:
+        """A private shard channel of this process whose slot ``link``'s master serves."""
+        node = next((node for node, on in self.links.items() if on is link), None)
+        if node is not None:
+            for tag in range(1 << 17):  # tags 0..109757 cover all 16384 slots
+                key = b"%s$probe:{%d}:%s" % (self.prefix, tag, self.id)
+                if self.owner(key) == node:
+                    return key
+        raise ConnectionError(f"{node or link.name} serves no hash slot")
+
+    def wanted(self, link: PubSubLink) -> set[str]:
+        return {channel for channel, on in self.route.items() if on is link}
+
+    def carries(self, link: PubSubLink, channel: str) -> bool:
+        return self.route.get(channel) is link
+
+    def confirmed(self, link: PubSubLink, channel: str) -> None:
+        waiter = self._waiters.pop(channel, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if link.ready and channel in self._lost:
+            self._lost.discard(channel)
+            self.handler.on_gap([channel])
+
+    def dropped(self, link: PubSubLink, channel: str) -> bool:
+        """``link``'s master unsubscribed ``channel`` (its slot moved), or confirmed ours."""
+        if self.route.get(channel) is not link:
+            return False
+        was_live = link.is_live(channel)
+        if was_live:
+            self._lost.add(channel)
+        self.dirty.set()
+        return was_live
+
+    def link_ready(self, link: PubSubLink, reconnect: bool) -> None:
+        if reconnect:
+            self._reconnects += 1
+        self.state_changed()
+        gap = link.live & self._lost
+        if gap:
+            self._lost -= gap
+            self.handler.on_gap(sorted(gap))
+
+    def link_lost(self, link: PubSubLink, was_ready: bool) -> None:
+        self._lost |= link.live
+        self.dirty.set()  # a replica may have taken over
+        if was_ready:
+            self.state_changed()
+
+    def refused(self, link: PubSubLink, exc: ResponseError) -> None:
+        """An SSUBSCRIBE refused (MOVED, CLUSTERDOWN, ...): read the slot map again."""
+        logger.debug("redis %s: %s", link.name, exc)
+        self.dirty.set()
 
     # -- the slot map ----------------------------------------------------------------------
 
@@ -271,11 +294,14 @@ class ClusterBroker(Broker):
         masters = {node for node in slots if node is not None}
         for node in set(self.links) - masters:
             logger.info("redis cluster %s: %s no longer serves slots", self.name, node)
-            await self.links.pop(node).stop_link()
+            await self.links.pop(node).stop()
+        deliver = self.handler.on_publication
         for node in masters - set(self.links):
             host, _, port = node.rpartition(":")
-            link = self.links[node] = _Link(self, node, node_url(self.seed_url, host, int(port)))
-            link.start_link()
+            link = self.links[node] = PubSubLink(
+                node_url(self.seed_url, host, int(port)), self, prefix=self.prefix,
+                probe_interval=self.probe_interval, timeout=self.timeout, flavour=SHARDED)
+            link.start(deliver)
         self.state_changed()
         for channel in list(self._want):
             await self._place(channel)
@@ -302,58 +328,3 @@ class ClusterBroker(Broker):
                 ranges.append((int(first), int(last), f"{host or asked}:{int(port)}"))
             return ranges
         raise ConnectionError(f"no node answered CLUSTER SLOTS: {error}")
-
-
-class _Link(PubSubLink):
-    """The sharded pub/sub and command connections to one master, rebuilt when lost."""
-
-    SUBSCRIBE = "ssubscribe"
-    UNSUBSCRIBE = "sunsubscribe"
-    PUBLISH = "spublish"
-    MESSAGE = "smessage"
-
-    def __init__(self, broker: ClusterBroker, node: str, url: str) -> None:
-        super().__init__(url, broker.prefix, broker.probe_interval, broker.timeout,
-                         broker.on_message)
-        self.broker = broker
-        self.node = node
-
-    def probe_key(self) -> bytes:
-        return self.broker.probe_channel(self.node)
-
-    def channels_to_subscribe(self) -> set[str]:
-        return set(self.broker.channels_of(self))
-
-    def group_keys(self, keys: list[bytes]) -> list[list[bytes]]:
-        """One SSUBSCRIBE per slot, or Redis answers CROSSSLOT."""
-        by_slot: defaultdict[int, list[bytes]] = defaultdict(list)
-        for key in keys:
-            by_slot[key_slot(key)].append(key)
-        return list(by_slot.values())
-
-    def confirmed(self, channel: str) -> None:
-        self.broker.confirmed(self, channel)
-
-    def dropped(self, channel: str) -> None:
-        self.broker.dropped(self, channel)
-
-    def refused(self, exc: ResponseError) -> None:
-        """An SSUBSCRIBE refused (MOVED, CLUSTERDOWN, ...): read the slot map again."""
-        logger.debug("redis %s: %s", self.name, exc)
-        self.broker.dirty.set()
-
-    def became_ready(self, had_link: bool) -> None:
-        broker = self.broker
-        if had_link:
-            broker.reconnects += 1
-        broker.state_changed()
-        gap = self.live & broker.lost
-        if gap:
-            broker.lost -= gap
-            broker.on_gap(sorted(gap))
-
-    def lost(self, was_ready: bool) -> None:
-        self.broker.lost |= self.live
-        self.broker.dirty.set()  # a replica may have taken over
-        if was_ready:
-            self.broker.state_changed()

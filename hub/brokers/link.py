@@ -1,0 +1,438 @@
+"""The Redis pub/sub link engine that :class:`~hub.brokers.redis.RedisBroker` and
+:class:`~hub.brokers.cluster.ClusterBroker` compose, and the helpers they share.
+
+A :class:`PubSubLink` is one Redis pub/sub connection plus a command connection, rebuilt by
+itself when lost. How it is kept honest (docs/reliability.md):
+
+* redis-py is given **no retries** (:func:`no_retry_client`), so a lost link raises instead of
+  being silently reconnected and resubscribed with messages lost in between. The link then
+  reconnects itself with capped, jittered exponential backoff and resubscribes every channel
+  its owner still wants (:meth:`LinkOwner.wanted`); the owner reports the gap.
+* A liveness probe PUBLISHes (or SPUBLISHes) a sequence number to a private channel of this
+  process every ``probe_interval`` seconds; if it does not come back on the pub/sub connection
+  within ``timeout`` seconds, the link is declared dead and rebuilt. A frozen Redis (SIGSTOP),
+  a half-open TCP link, or a subscription Redis dropped for exceeding
+  ``client-output-buffer-limit pubsub`` are all detected within ``probe_interval + timeout``
+  seconds, a closed socket at once.
+
+The link owns its state (the connections, :attr:`PubSubLink.live`, :attr:`PubSubLink.ready`,
+:attr:`PubSubLink.reconnects`); the owner owns which channels are wanted where. They talk only
+through the link's methods and the :class:`LinkOwner` hooks the link calls.
+
+Commands: SUBSCRIBE, UNSUBSCRIBE, PUBLISH, or their sharded forms SSUBSCRIBE, SUNSUBSCRIBE,
+SPUBLISH (:data:`SHARDED`), and PING (https://redis.io/docs/latest/commands/).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import defaultdict
+from collections.abc import Callable
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.crc import key_slot
+from redis.exceptions import RedisError, ResponseError
+
+from .base import Publication
+
+__all__ = [
+    "BACKOFF_BASE",
+    "BACKOFF_CAP",
+    "MIN_DELAY",
+    "PUBSUB",
+    "SHARDED",
+    "Flavour",
+    "LinkOwner",
+    "PubSubLink",
+    "no_retry_client",
+    "redact_url",
+    "stop_task",
+]
+
+logger = logging.getLogger("hub.broker")
+
+#: Reconnect delays: min(cap, random() * base * 2**failures), never below MIN_DELAY seconds.
+BACKOFF_BASE = 0.1
+BACKOFF_CAP = 5.0
+MIN_DELAY = 0.05
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``, for logs."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    creds, _, host = rest.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
+
+
+def no_retry_client(url: str, timeout: float) -> aioredis.Redis:
+    """A client without redis-py retries: a failure raises and the link decides.
+
+    ``timeout`` (seconds) bounds connecting and every command; blocking pub/sub reads are
+    not bounded by it (redis-py reads them with no timeout).
+    """
+    return aioredis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), socket_timeout=timeout,
+                                   socket_connect_timeout=timeout, health_check_interval=0)
+
+
+async def stop_task(task: asyncio.Task[Any] | None, timeout: float = 2.0) -> bool:
+    """Cancel ``task`` and wait up to ``timeout`` seconds for it to end; True if it did.
+
+    The cancellation is repeated every 0.1 s: on Python 3.11 ``asyncio.wait_for`` can swallow
+    a cancellation that arrives as its inner await fails, and a reconnect loop that catches
+    that failure would otherwise run on forever.
+    """
+    if task is None:
+        return True
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not task.done():
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return False
+        task.cancel()
+        await asyncio.wait({task}, timeout=min(0.1, remaining))
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class Flavour:
+    """The commands of one pub/sub flavour: redis-py method names and the message type."""
+
+    subscribe: str
+    unsubscribe: str
+    publish: str
+    message: str
+    #: One SUBSCRIBE per hash slot when resubscribing (Redis Cluster answers CROSSSLOT to a
+    #: sharded subscribe of keys in several slots).
+    by_slot: bool
+
+
+#: Classic pub/sub: SUBSCRIBE, UNSUBSCRIBE, PUBLISH.
+PUBSUB = Flavour("subscribe", "unsubscribe", "publish", "message", by_slot=False)
+#: Sharded pub/sub (Redis >= 7.0): SSUBSCRIBE, SUNSUBSCRIBE, SPUBLISH.
+SHARDED = Flavour("ssubscribe", "sunsubscribe", "spublish", "smessage", by_slot=True)
+
+
+class LinkOwner(Protocol):
+    """The hooks a :class:`PubSubLink` calls on the broker that owns it.
+
+    Each is called from the link's task, synchronously, with the link as first argument (one
+    owner may have several links). They may read the link (:attr:`PubSubLink.live`,
+    :attr:`PubSubLink.ready`) but change it only through its methods.
+    """
+
+    def probe_channel(self, link: PubSubLink) -> bytes:
+        """The Redis channel of ``link``'s liveness probe; asked at every connect."""
+        ...
+
+    def wanted(self, link: PubSubLink) -> set[str]:
+        """The hub channels ``link`` must carry now (a set the link may keep)."""
+        ...
+
+    def carries(self, link: PubSubLink, channel: str) -> bool:
+        """Whether ``channel`` is still meant for ``link`` (a confirmation makes it live)."""
+        ...
+
+    def confirmed(self, link: PubSubLink, channel: str) -> None:
+        """Redis confirmed the subscription of a carried ``channel``, now in ``link.live``."""
+        ...
+
+    def dropped(self, link: PubSubLink, channel: str) -> bool:
+        """Redis confirmed (or pushed) the end of the subscription of ``channel``; return True
+        to take it out of ``link.live``."""
+        ...
+
+    def link_ready(self, link: PubSubLink, reconnect: bool) -> None:
+        """Every subscription of ``link`` is confirmed; ``reconnect``: after a loss (then
+        ``link.reconnects`` was counted up)."""
+        ...
+
+    def link_lost(self, link: PubSubLink, was_ready: bool) -> None:
+        """``link``'s connection is being thrown away; ``link.live`` still holds its channels
+        and ``link.ready`` is already False."""
+        ...
+
+    def refused(self, link: PubSubLink, exc: ResponseError) -> None:
+        """Redis answered an error on the pub/sub connection. Raise it to rebuild the link."""
+        ...
+
+
+class PubSubLink:
+    """One Redis pub/sub connection plus a command connection, rebuilt by itself when lost.
+
+    The loop: connect, (S)SUBSCRIBE the probe channel and every channel of
+    :meth:`LinkOwner.wanted`, wait for the confirmations (a PING on the pub/sub connection
+    answers after them), mark the link :attr:`ready`, then read until the reader or the
+    liveness probe fails; tear down, wait a capped jittered backoff, start again.
+
+    ``url`` is a redis-py URL (``redis://[user:password@]host:port/db``, ``rediss://`` for
+    TLS); ``prefix`` the Redis channel prefix (bytes); ``probe_interval`` and ``timeout`` are
+    seconds (``timeout`` bounds connecting, every command and the probe's round trip).
+    """
+
+    def __init__(self, url: str, owner: LinkOwner, *, prefix: bytes, probe_interval: float,
+                 timeout: float, flavour: Flavour = PUBSUB) -> None:
+        self.url = url
+        self.name = redact_url(url)
+        self.prefix = prefix
+        self.flavour = flavour
+        self.probe_interval = probe_interval
+        self.timeout = timeout
+        self.confirm_timeout = max(5.0, 2 * timeout)
+        self._owner = owner
+        self._deliver: Callable[[Publication], None] | None = None
+        self._live: set[str] = set()
+        self._ready = False
+        self._reconnects = 0
+        self._client: aioredis.Redis | None = None
+        self._pubsub: aioredis.client.PubSub | None = None
+        self._backoff = ExponentialWithJitterBackoff(cap=BACKOFF_CAP, base=BACKOFF_BASE)
+        self._probe_seen = 0
+        self._probe_event: asyncio.Event | None = None
+        self._barrier: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # -- state (read-only outside) ---------------------------------------------------------
+
+    @property
+    def live(self) -> AbstractSet[str]:
+        """Channels confirmed subscribed on the current connection."""
+        return self._live
+
+    @property
+    def ready(self) -> bool:
+        """True from the confirmation of every subscription until the link is lost."""
+        return self._ready
+
+    @property
+    def reconnects(self) -> int:
+        """Incremented each time the link is confirmed again after a loss."""
+        return self._reconnects
+
+    def is_live(self, channel: str) -> bool:
+        return channel in self._live
+
+    def key(self, channel: str) -> bytes:
+        """The Redis channel of hub channel ``channel``."""
+        return self.prefix + channel.encode()
+
+    # -- commands --------------------------------------------------------------------------
+
+    def start(self, deliver: Callable[[Publication], None]) -> None:
+        """Start the link task; every message received goes to ``deliver``, which must not
+        block (an exception from it is logged and the message dropped)."""
+        self._deliver = deliver
+        self._probe_event = asyncio.Event()
+        self._task = asyncio.create_task(self._run(), name=f"redis-link {self.name}")
+
+    async def stop(self) -> None:
+        """Stop the task and close both connections (``link_lost`` is called once more)."""
+        self._closing = True
+        if not await stop_task(self._task):
+            logger.warning("redis %s: the link task did not stop", self.name)
+        await self._teardown()
+
+    async def subscribe(self, channel: str) -> None:
+        """Send (S)SUBSCRIBE on the current connection, if any; the confirmation arrives
+        through :meth:`LinkOwner.confirmed`. Never raises: see :meth:`_send`."""
+        await self._send(self.flavour.subscribe, self.key(channel))
+
+    async def unsubscribe(self, channel: str) -> None:
+        """Take ``channel`` out of :attr:`live` now and send (S)UNSUBSCRIBE. Never raises."""
+        self._live.discard(channel)
+        await self._send(self.flavour.unsubscribe, self.key(channel))
+
+    async def publish(self, channel: str, payload: bytes) -> int:
+        """(S)PUBLISH ``payload`` on the command connection within :attr:`timeout` seconds;
+        return Redis's reply (the number of subscribed connections).
+
+        Raises :class:`ConnectionError` if the link is not ready, and what redis-py raises
+        (:class:`redis.exceptions.RedisError`, :class:`OSError`, :class:`TimeoutError`).
+        """
+        client = self._client
+        if client is None or not self._ready:
+            raise ConnectionError(f"Redis {self.name} is not connected")
+        command = getattr(client, self.flavour.publish)
+        return int(await asyncio.wait_for(command(self.key(channel), payload), self.timeout))
+
+    async def _send(self, command: str, key: bytes) -> None:
+        """Send (S)SUBSCRIBE/(S)UNSUBSCRIBE on the current connection, if any; a failure is
+        left to the reader and the probe, which rebuild the link and resubscribe."""
+        pubsub = self._pubsub
+        if pubsub is None:
+            return
+        try:
+            await getattr(pubsub, command)(key)
+        except (RedisError, OSError) as exc:
+            logger.debug("redis %s: %s %r failed: %s", self.name, command, key, exc)
+
+    # -- the loop --------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        failures = 0
+        had_link = False
+        while not self._closing:
+            try:
+                await self._session(had_link)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any failure means: rebuild the link
+                reason = f"{type(exc).__name__}: {exc}"
+                if self._ready:
+                    logger.warning("redis %s: link lost (%s); reconnecting", self.name, reason)
+                elif failures == 0:
+                    logger.warning("redis %s: cannot connect (%s); retrying with backoff",
+                                   self.name, reason)
+                else:
+                    logger.debug("redis %s: still down (%s)", self.name, reason)
+            had_link = had_link or self._ready
+            if self._ready:
+                failures = 0
+            await self._teardown()
+            if self._closing:
+                return
+            failures += 1
+            await asyncio.sleep(max(MIN_DELAY, self._backoff.compute(failures)))
+
+    def _group(self, keys: list[bytes]) -> list[list[bytes]]:
+        """Split the (S)SUBSCRIBE of ``keys`` into commands: one, or one per hash slot."""
+        if not keys:
+            return []
+        if not self.flavour.by_slot:
+            return [keys]
+        by_slot: defaultdict[int, list[bytes]] = defaultdict(list)
+        for key in keys:
+            by_slot[key_slot(key)].append(key)
+        return list(by_slot.values())
+
+    async def _session(self, had_link: bool) -> None:
+        owner = self._owner
+        client = self._client = no_retry_client(self.url, self.timeout)
+        pubsub = client.pubsub()
+        subscribe = getattr(pubsub, self.flavour.subscribe)
+        probe = owner.probe_channel(self)
+        await asyncio.wait_for(subscribe(probe), self.timeout)
+        self._pubsub = pubsub
+        wanted = owner.wanted(self)
+        for keys in self._group([self.key(c) for c in wanted]):
+            await asyncio.wait_for(subscribe(*keys), self.timeout)
+        for channel in owner.wanted(self) - wanted:  # added while we subscribed
+            await self.subscribe(channel)
+        self._barrier = asyncio.get_running_loop().create_future()
+        token = uuid.uuid4().hex
+        tasks = {asyncio.create_task(self._read(pubsub, probe, token))}
+        try:
+            await asyncio.wait_for(pubsub.ping(token), self.timeout)
+            done, _ = await asyncio.wait({*tasks, self._barrier}, timeout=self.confirm_timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            for task in done & tasks:
+                task.result()
+            if not self._barrier.done():
+                raise TimeoutError(f"no confirmation of SUBSCRIBE within "
+                                   f"{self.confirm_timeout:g}s")
+            self._ready = True
+            logger.info("redis %s: connected, %d channels subscribed", self.name,
+                        len(self._live))
+            if had_link:
+                self._reconnects += 1
+            owner.link_ready(self, had_link)
+            tasks.add(asyncio.create_task(self._probe(client, probe)))
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+            raise ConnectionError("reader stopped")
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _read(self, pubsub: aioredis.client.PubSub, probe: bytes, token: str) -> None:
+        """The one reader of the link. Hands messages to ``deliver`` without awaiting."""
+        deliver = self._deliver
+        assert deliver is not None, "start() first"
+        owner, live = self._owner, self._live
+        plen = len(self.prefix)
+        get_message = pubsub.get_message
+        flavour = self.flavour
+        message, subscribed, unsubscribed = flavour.message, flavour.subscribe, flavour.unsubscribe
+        while True:
+            try:
+                msg = await get_message(timeout=None)
+            except ResponseError as exc:
+                owner.refused(self, exc)
+                continue
+            if msg is None:
+                continue
+            kind = msg["type"]
+            if kind == message:
+                name = msg["channel"]
+                if name == probe:
+                    self._probe_seen = int(msg["data"])
+                    assert self._probe_event is not None
+                    self._probe_event.set()
+                    continue
+                try:
+                    deliver(Publication(name[plen:].decode(), msg["data"]))
+                except Exception:  # one bad message must not deafen the hub
+                    logger.exception("redis %s: delivery failed", self.name)
+            elif kind == subscribed:
+                if msg["channel"] != probe:
+                    channel = msg["channel"][plen:].decode(errors="replace")
+                    if owner.carries(self, channel):
+                        live.add(channel)
+                        owner.confirmed(self, channel)
+            elif kind == unsubscribed:
+                channel = msg["channel"][plen:].decode(errors="replace")
+                if owner.dropped(self, channel):
+                    live.discard(channel)
+            elif kind == "pong":
+                data = msg["data"]
+                if isinstance(data, bytes):
+                    data = data.decode(errors="replace")
+                if data == token and self._barrier is not None and not self._barrier.done():
+                    self._barrier.set_result(None)
+
+    async def _probe(self, client: aioredis.Redis, probe: bytes) -> None:
+        """Publish a sequence number to our probe channel; it must come back in time."""
+        assert self._probe_event is not None
+        loop = asyncio.get_running_loop()
+        publish = getattr(client, self.flavour.publish)
+        seq = self._probe_seen
+        while True:
+            await asyncio.sleep(self.probe_interval)
+            seq += 1
+            deadline = loop.time() + self.timeout
+            try:
+                await asyncio.wait_for(publish(probe, str(seq)), self.timeout)
+                while self._probe_seen < seq:
+                    self._probe_event.clear()
+                    await asyncio.wait_for(self._probe_event.wait(),
+                                           max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                raise TimeoutError("liveness probe timed out") from None
+
+    async def _teardown(self) -> None:
+        was_ready = self._ready
+        self._ready = False
+        self._owner.link_lost(self, was_ready)
+        self._live.clear()
+        pubsub, client = self._pubsub, self._client
+        self._pubsub = self._client = None
+        for closer in (pubsub, client):
+            if closer is None:
+                continue
+            try:
+                await asyncio.wait_for(closer.aclose(), 1.0)
+            except Exception:  # noqa: BLE001, S110 - the link is being thrown away
+                pass
