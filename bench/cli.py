@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                 for run in session:
                     run["repeat"] = repeat
                 runs.extend(session)
-            except Exception as exc:  # noqa: BLE001 - a failed session is reported
+            except Exception as exc:
                 meta["errors"].append(f"{name} N={n}: {type(exc).__name__}: {exc}")
                 log(f"  {name} N={n} FAILED: {exc}")
                 traceback.print_exc()

@@ -247,7 +247,7 @@ async def _run(ctrl: Connection, stack: str, urls: list[str], indexes: list[int]
         async with gate:
             try:
                 ws = await _open(url, proto, i, timeout, client)
-            except Exception as exc:  # noqa: BLE001 - counted as a failed connection
+            except Exception as exc:
                 errors.append(f"{type(exc).__name__}: {exc}")
                 return
         conns.append(ws)

@@ -28,6 +28,7 @@ to an :class:`asyncio.Queue` read by :meth:`recv` instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
@@ -187,10 +188,8 @@ class LeanConnection(asyncio.Protocol):
         if self.state == "OPEN":
             self._send(Frame(Opcode.CLOSE, Close(1000, "").serialize()))
             self.state = "CLOSED"
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self.closed), timeout)
-            except TimeoutError:
-                pass
         if self.transport is not None:
             self.transport.close()
 

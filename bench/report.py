@@ -69,7 +69,8 @@ def table(runs: Sequence[dict]) -> str:
             f"| {_f(r['deliveries_per_s'], ',.0f')} | {_f(r['p50_ms'], '.1f')} "
             f"| {_f(r['p90_ms'], '.1f')} | {_f(r['p99_ms'], '.1f')} | {_f(r['max_ms'], '.1f')} "
             f"| {r['lost']} | {_f(r['cpu_us_per_delivery'], '.1f')} "
-            f"| {_f(r['rss_idle_kib_per_conn'], '.1f')} | {_f(r['rss_loaded_kib_per_conn'], '.1f')} "
+            f"| {_f(r['rss_idle_kib_per_conn'], '.1f')} "
+            f"| {_f(r['rss_loaded_kib_per_conn'], '.1f')} "
             f"| {_f(cores, '.2f')} | {_f(r.get('other_cores'), '.2f')} |")
     return "\n".join(lines)
 

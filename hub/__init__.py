@@ -8,7 +8,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .publisher import AsyncPublisher, Publisher
 
-__all__ = ["Publisher", "AsyncPublisher", "__version__"]
+__all__ = ["AsyncPublisher", "Publisher", "__version__"]
 
 _SOURCE_VERSION = "0.1.0"
 """pyproject.toml's version: what ``__version__`` is when hub runs from a source tree that was

@@ -9,8 +9,8 @@
 # 2. Creates a fresh virtual environment (python3 -m venv --clear; $HUB_TEST_VENV, default
 #    .venv-test in the repository), so that nothing this machine already has can hide a missing
 #    dependency.
-# 3. Installs the project with its test extra into it and runs the whole suite there:
-#    python -m pip install -e '.[test]' && python -m pytest
+# 3. Installs the project with its test extra into it, lints (ruff, mypy --strict on hub/) and
+#    runs the whole suite there: python -m pip install -e '.[test]' && python -m pytest
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -59,5 +59,8 @@ python3 -m venv --clear "$venv"
 # -- 3. the project's test extra, then the whole suite -------------------------------------
 python -m pip install -q --upgrade pip
 python -m pip install -q -e '.[test]'
+say "lint: ruff (the rule set in pyproject.toml) and mypy --strict on hub/"
+python -m ruff check hub tests bench examples
+python -m mypy
 say "running the suite with $(python --version) in $venv"
 python -m pytest "$@"

@@ -80,7 +80,7 @@ async def test_frames_cut_anywhere_and_fragmented_messages():
         step = rng.choice([1, 2, 3, 10, 200, 5000])
         conn.data_received(data[pos:pos + step])
         pos += step
-    assert got == messages + [b"part1-part2-end"]
+    assert got == [*messages, b"part1-part2-end"]
     pongs = client_frames(b"".join(transport.written))
     assert [(f.opcode, f.data) for f in pongs] == [(Opcode.PONG, b"pp")]
 

@@ -56,7 +56,7 @@ def test_version_prints_the_distribution_version():
 
 def test_version_is_the_installed_one_or_pyproject_s():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert hub._SOURCE_VERSION == project["version"]
+    assert project["version"] == hub._SOURCE_VERSION
     try:
         installed = importlib.metadata.version(project["name"])
     except importlib.metadata.PackageNotFoundError:

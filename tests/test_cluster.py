@@ -101,7 +101,8 @@ class Cluster:
     def _settled(self) -> bool:
         for port in self.ports:
             info = self.client(port).execute_command("CLUSTER", "INFO").decode()
-            if "cluster_state:ok" not in info or f"cluster_known_nodes:{len(self.ports)}" not in info:
+            known = f"cluster_known_nodes:{len(self.ports)}"
+            if "cluster_state:ok" not in info or known not in info:
                 return False
             slots = self.client(port).execute_command("CLUSTER", "SLOTS")
             if [len(entry) for entry in slots] != [3 + self.replicas] * 3:
@@ -242,7 +243,7 @@ async def test_personal_channels_and_client_publish(cluster, hub_factory):
         async with AsyncPublisher(cluster.url, cluster=True) as publisher:
             for user in users:
                 assert await publisher.publish_to_user(user, {"to": user}) == 1
-        for user, ws in zip(users, conns):
+        for user, ws in zip(users, conns, strict=True):
             await expect_message(ws, f"user:{user}", {"to": user})
 
         receiver = conns[0]  # on h1

@@ -96,7 +96,8 @@ def render_haproxy(bind: str, hubs: list[str]) -> str:
     Each line ``server hubN ADDRESS ...`` keeps the parameters of the first shipped line.
     """
     text = HAPROXY_CFG.read_text()
-    [(indent, params), *_] = re.findall(r"^([ \t]*)server[ \t]+\S+[ \t]+\S+(.*)$", text, re.MULTILINE)
+    server_re = r"^([ \t]*)server[ \t]+\S+[ \t]+\S+(.*)$"
+    [(indent, params), *_] = re.findall(server_re, text, re.MULTILINE)
     lines = "".join(f"{indent}server hub{i} {hub}{params}\n" for i, hub in enumerate(hubs, 1))
     text = _replace_lines(text, r"^[ \t]*server[ \t]+\S+[ \t]+\S+.*\n", lines)
     text, n = re.subn(r"^([ \t]*)bind[ \t]+\S+", rf"\g<1>bind {bind}", text, flags=re.MULTILINE)
@@ -475,7 +476,8 @@ def test_haproxy_cfg_directives():
 def test_render_keeps_every_server_parameter():
     hubs = ["127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003"]
     nginx = render_nginx("127.0.0.1:9000", hubs)
-    assert re.findall(r"^\s*server (\S+) max_fails=1 fail_timeout=10s;", nginx, re.MULTILINE) == hubs
+    upstream_re = r"^\s*server (\S+) max_fails=1 fail_timeout=10s;"
+    assert re.findall(upstream_re, nginx, re.MULTILINE) == hubs
     assert "listen 127.0.0.1:9000;" in nginx and "hub:8765" not in nginx
     haproxy = render_haproxy("127.0.0.1:9000", hubs)
     assert re.findall(r"^\s*server hub\d (\S+) check$", haproxy, re.MULTILINE) == hubs

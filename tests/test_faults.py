@@ -262,7 +262,7 @@ async def test_sigterm_with_hundreds_of_clients_some_frozen(redis_server, hub_fa
     hub = hub_factory("--shutdown-timeout", "3", "--max-buffer-bytes", "100000000",
                       redis=redis_server)
     clients = []
-    for i in range(300):
+    for _ in range(300):
         ws = await open_ws(hub.ws_url, max_size=None)
         clients.append(ws)
     frozen = clients[:20]

@@ -208,7 +208,7 @@ def test_accepted_channel_names_are_ascii_and_never_misspell_a_reserved_prefix(n
        st.text(alphabet=CHANNEL_CHARS, max_size=20))
 def test_every_other_casing_of_a_reserved_prefix_is_a_bad_channel(prefix, data, rest):
     flips = data.draw(st.lists(st.booleans(), min_size=len(prefix), max_size=len(prefix)))
-    cased = "".join(c.upper() if f else c for c, f in zip(prefix, flips))
+    cased = "".join(c.upper() if f else c for c, f in zip(prefix, flips, strict=True))
     assume(cased != prefix)
     with pytest.raises(ProtocolError) as info:
         check_channel(cased + rest, "cid")

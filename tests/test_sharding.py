@@ -178,7 +178,7 @@ async def test_personal_channels_on_their_shard(shards, hub_factory):
         with Publisher(urls) as publisher:
             for user in users:
                 assert publisher.publish_to_user(user, {"to": user}) == 1
-        for user, ws in zip(users, conns):
+        for user, ws in zip(users, conns, strict=True):
             await expect_message(ws, f"user:{user}", {"to": user})
             await no_message(ws, 0.2)  # nobody else's mail
 

@@ -7,7 +7,7 @@ import json
 
 from websockets.asyncio.client import ClientConnection, connect
 
-__all__ = ["open_ws", "recv_json", "command", "subscribe", "no_message"]
+__all__ = ["command", "no_message", "open_ws", "recv_json", "subscribe"]
 
 
 def open_ws(url: str, **kwargs) -> connect:

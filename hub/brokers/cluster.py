@@ -278,7 +278,7 @@ class ClusterBroker(Broker):
             self.dirty.clear()
             try:
                 await self._refresh()
-            except Exception as exc:  # noqa: BLE001 - retried with backoff
+            except Exception as exc:
                 level = logging.WARNING if rounds == 0 else logging.DEBUG
                 logger.log(level, "redis cluster %s: cannot read the slot map (%s: %s)",
                            self.name, type(exc).__name__, exc)
@@ -314,8 +314,9 @@ class ClusterBroker(Broker):
         for url in urls:
             client = no_retry_client(url, self.timeout)
             try:
-                reply = await asyncio.wait_for(client.execute_command("CLUSTER", "SLOTS"),
-                                               self.timeout)
+                reply = await asyncio.wait_for(
+                    client.execute_command("CLUSTER", "SLOTS"),  # type: ignore[no-untyped-call]
+                    self.timeout)
             except (RedisError, OSError, TimeoutError) as exc:
                 error = exc
                 continue

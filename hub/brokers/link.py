@@ -26,6 +26,7 @@ SPUBLISH (:data:`SHARDED`), and PING (https://redis.io/docs/latest/commands/).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections import defaultdict
@@ -287,7 +288,7 @@ class PubSubLink:
                 await self._session(had_link)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - any failure means: rebuild the link
+            except Exception as exc:
                 reason = f"{type(exc).__name__}: {exc}"
                 if self._ready:
                     logger.warning("redis %s: link lost (%s); reconnecting", self.name, reason)
@@ -432,7 +433,6 @@ class PubSubLink:
         for closer in (pubsub, client):
             if closer is None:
                 continue
-            try:
+            # Teardown of a link that may already be broken: nothing to do about a failure.
+            with contextlib.suppress(Exception):
                 await asyncio.wait_for(closer.aclose(), 1.0)
-            except Exception:  # noqa: BLE001, S110 - the link is being thrown away
-                pass
