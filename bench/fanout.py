@@ -1,4 +1,4 @@
-"""Microbenchmark: server CPU per delivery of ``broadcast()`` against ``hub.node.fan_out``.
+"""Microbenchmark: server CPU per delivery of ``broadcast()`` against ``hub.connection.fan_out``.
 
 Run as ``python -m bench.fanout [--clients 1000] [--messages 300] [--repeat 3]``.
 
@@ -23,7 +23,7 @@ import time
 
 from websockets.asyncio.server import ServerConnection, broadcast, serve
 
-from hub.node import fan_out
+from hub.connection import fan_out
 
 from .lean import lean_connect
 from .procs import raise_nofile

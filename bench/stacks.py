@@ -7,8 +7,8 @@ socketio   ``bench/socketio_server.py``: python-socketio AsyncServer + aiohttp +
            AsyncRedisManager; the publisher is an external write-only manager
 hub        ``python -m hub serve`` with one process
 hub2       ``python -m hub serve --workers 2`` (SO_REUSEPORT on one port)
-hub-asyncio  ``hub serve`` with one process on the default asyncio loop (uvloop made
-           unimportable in that process), to show what the optional uvloop extra buys
+hub-asyncio  ``hub serve --loop asyncio``: one process on the default asyncio loop, to
+           show what the optional uvloop extra buys
 =========  ============================================================================
 """
 
@@ -38,7 +38,7 @@ class Stack:
     publish: str  # "redis" (PUBLISH channel) or "socketio" (write-only AsyncRedisManager)
     channel: str  # Redis channel of the publisher and of the server subscription(s)
     processes: int  # server processes that subscribe to ``channel``
-    uvloop: bool = True  # False: the default asyncio loop (for the hub: uvloop unimportable)
+    uvloop: bool = True  # False: the default asyncio loop (for the hub: --loop asyncio)
 
     def command(self, port: int, redis_url: str) -> list[str]:
         py = sys.executable
@@ -50,12 +50,9 @@ class Stack:
             return [py, "-m", "bench.socketio_server", "--port", str(port),
                     "--redis-url", redis_url, *loop]
         workers = ["--workers", str(self.processes)] if self.processes > 1 else []
-        # The hub uses uvloop whenever it can import it; None in sys.modules stops that.
-        entry = ["-m", "hub"] if self.uvloop else [
-            "-c", ("import sys; sys.modules['uvloop'] = None; from hub.cli import main; "
-                   "sys.exit(main(sys.argv[1:]))")]
-        return [py, *entry, "serve", "--port", str(port), "--redis-url", redis_url,
-                "--redis-prefix", "hub:", "--log-level", "warning", *workers]
+        return [py, "-m", "hub", "serve", "--port", str(port), "--redis-url", redis_url,
+                "--redis-prefix", "hub:", "--log-level", "warning",
+                "--loop", "uvloop" if self.uvloop else "asyncio", *workers]
 
     def start(self, port: int, redis_url: str, log_path: str) -> subprocess.Popen:
         env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -27,8 +27,9 @@ from urllib.parse import parse_qs
 
 import jwt
 
+from .channels import personal_channel
 from .exceptions import AuthError, TokenExpired
-from .protocol import CHANNEL_RE, MAX_TOKEN_BYTES, personal_channel
+from .protocol import CHANNEL_RE, MAX_TOKEN_BYTES
 
 __all__ = ["MAX_TOKEN_BYTES", "Identity", "identify", "origin_problems", "verify_token"]
 

@@ -29,7 +29,8 @@ __all__ = ["OPTIONS", "Config", "Option", "address_error", "env_name"]
 
 @dataclass(frozen=True)
 class Option:
-    """One option of ``hub serve``: its flag, type, default, unit and help text.
+    """One option of ``hub serve``: its flag, type, unit and help text; its default is the
+    :class:`Config` field's.
 
     ``help`` says what the option does and never its default: ``--help`` appends
     :attr:`default_help`, which is ``default_text`` when given (what an empty or None
@@ -38,11 +39,15 @@ class Option:
 
     name: str  # the Config field; flag is --name-with-dashes, env HUB_NAME
     type: type
-    default: Any
     help: str
     repeat: bool = False
     choices: tuple[str, ...] | None = None
     default_text: str | None = None
+
+    @property
+    def default(self) -> Any:
+        """The default value: the one of the :class:`Config` field, written only there."""
+        return _DEFAULTS[self.name]
 
     @property
     def flag(self) -> str:
@@ -71,52 +76,51 @@ def env_name(name: str) -> str:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("host", str, "127.0.0.1", "interface to listen on"),
-    Option("port", int, 8765,
-           "TCP port for WebSocket (/ws) and HTTP (/healthz, /readyz, /metrics)"),
-    Option("tls_cert", str, None, "PEM certificate chain file: serve wss:// and https:// "
+    Option("host", str, "interface to listen on"),
+    Option("port", int, "TCP port for WebSocket (/ws) and HTTP (/healthz, /readyz, /metrics)"),
+    Option("tls_cert", str, "PEM certificate chain file: serve wss:// and https:// "
            "(the probes too); needs --tls-key", default_text="none: plain ws:// and http://"),
-    Option("tls_key", str, None, "PEM private key file of --tls-cert (unencrypted)"),
-    Option("redis_url", str, (), "Redis URL (redis://, rediss:// or unix://); repeat to shard "
+    Option("tls_key", str, "PEM private key file of --tls-cert (unencrypted)"),
+    Option("redis_url", str, "Redis URL (redis://, rediss:// or unix://); repeat to shard "
            "channels over several Redis instances", repeat=True,
            default_text="none: the embedded in-process broker"),
-    Option("redis_cluster", bool, False, "treat --redis-url as a seed node of a Redis Cluster "
+    Option("redis_cluster", bool, "treat --redis-url as a seed node of a Redis Cluster "
            "and use sharded pub/sub (SSUBSCRIBE/SPUBLISH)"),
-    Option("redis_prefix", str, "hub:", "prefix of every Redis channel name"),
-    Option("jwt_secret", str, None, "HS256 secret; when set, every connection needs a token",
+    Option("redis_prefix", str, "prefix of every Redis channel name"),
+    Option("jwt_secret", str, "HS256 secret; when set, every connection needs a token",
            default_text="none: authentication off"),
-    Option("auth_timeout", float, 10.0, "seconds a connection that offered no token at the "
+    Option("auth_timeout", float, "seconds a connection that offered no token at the "
            "handshake has to send its connect command; then close 4005"),
-    Option("client_publish", str, (), "channel pattern clients may publish to (exact name or "
+    Option("client_publish", str, "channel pattern clients may publish to (exact name or "
            "prefix ending in *); repeatable", repeat=True,
            default_text="none: clients cannot publish"),
-    Option("allowed_origin", str, (), "allowed Origin header of browser handshakes; "
+    Option("allowed_origin", str, "allowed Origin header of browser handshakes; "
            "repeatable", repeat=True, default_text="any Origin"),
-    Option("trusted_proxy", str, (), "address or CIDR network of a reverse proxy whose "
+    Option("trusted_proxy", str, "address or CIDR network of a reverse proxy whose "
            "X-Forwarded-For header names the client (for log lines); repeatable", repeat=True),
-    Option("compression", str, "none", "permessage-deflate on ('deflate') or off ('none')",
+    Option("compression", str, "permessage-deflate on ('deflate') or off ('none')",
            choices=("none", "deflate")),
-    Option("log_level", str, "info", "logging level",
+    Option("log_level", str, "logging level",
            choices=("debug", "info", "warning", "error")),
-    Option("workers", int, 1, "worker processes sharing the port (SO_REUSEPORT); >1 needs Redis"),
-    Option("share_port", bool, False, "join hub processes already listening on this port "
+    Option("loop", str, "event loop: 'auto' is uvloop when installed (the hub-realtime[uvloop] "
+           "extra), else asyncio", choices=("auto", "asyncio", "uvloop")),
+    Option("workers", int, "worker processes sharing the port (SO_REUSEPORT); >1 needs Redis"),
+    Option("share_port", bool, "join hub processes already listening on this port "
            "(SO_REUSEPORT), e.g. for a rolling restart", default_text="off: such a port is "
            "refused"),
     # Limits
-    Option("max_connections", int, 10000,
-           "connections per process; past it the handshake gets 503"),
-    Option("max_subscriptions", int, 128, "channel subscriptions per connection"),
-    Option("max_message_bytes", int, 65536,
-           "largest client message in bytes; larger closes with 1009"),
-    Option("max_buffer_bytes", int, 1048576, "per-connection write buffer in bytes above which a "
+    Option("max_connections", int, "connections per process; past it the handshake gets 503"),
+    Option("max_subscriptions", int, "channel subscriptions per connection"),
+    Option("max_message_bytes", int, "largest client message in bytes; larger closes with 1009"),
+    Option("max_buffer_bytes", int, "per-connection write buffer in bytes above which a "
            "slow consumer is closed with 4008"),
-    Option("rate_limit", float, 100.0, "client commands per second per connection (token bucket, "
+    Option("rate_limit", float, "client commands per second per connection (token bucket, "
            "burst of twice that); 0 disables"),
-    Option("ping_interval", float, 20.0, "seconds between keepalive pings; 0 disables"),
-    Option("shutdown_timeout", float, 10.0, "seconds a graceful stop waits for clients to close "
+    Option("ping_interval", float, "seconds between keepalive pings; 0 disables"),
+    Option("shutdown_timeout", float, "seconds a graceful stop waits for clients to close "
            "before aborting them"),
-    Option("probe_interval", float, 1.0, "seconds between Redis liveness probes"),
-    Option("probe_timeout", float, 2.0, "seconds a probe may take before the Redis link is "
+    Option("probe_interval", float, "seconds between Redis liveness probes"),
+    Option("probe_timeout", float, "seconds a probe may take before the Redis link is "
            "declared dead and reconnected"),
 )
 
@@ -145,6 +149,7 @@ class Config:
     trusted_proxy: tuple[str, ...] = ()
     compression: str = "none"
     log_level: str = "info"
+    loop: str = "auto"
     workers: int = 1
     share_port: bool = False
     # Limits
@@ -252,6 +257,10 @@ class Config:
                                   f"--tls-cert {cert}") from None
             raise ConfigError(f"--tls-key {key}: no PEM private key in it") from None
         return context
+
+
+#: Every option's default, from the Config fields (the one place each is written).
+_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(Config)}
 
 
 def address_error(host: str, port: int, exc: OSError) -> ConfigError:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 
+from .channels import RESERVED_PREFIXES
 from .exceptions import ProtocolError
 
 __all__ = [
@@ -32,8 +33,14 @@ __all__ = [
     "MAX_TOKEN_BYTES",
     "OPS",
     "Command",
+    "CommandId",
+    "Connect",
+    "Ping",
+    "Publish",
+    "Refresh",
+    "Subscribe",
+    "Unsubscribe",
     "ack_frame",
-    "channel_matches",
     "check_channel",
     "connect_ack_frame",
     "encode_data",
@@ -43,16 +50,11 @@ __all__ = [
     "parse_command",
     "parse_connect",
     "payload_to_json",
-    "personal_channel",
     "pong_frame",
 ]
 
 #: Valid channel names: 1 to 128 characters of letters, digits and ``_ . : @ / -``.
 CHANNEL_RE = re.compile(r"[A-Za-z0-9_.:@/-]{1,128}")
-#: Names that start with these (in any letter case) are reserved namespaces.
-PERSONAL_PREFIX = "user:"
-PRIVATE_PREFIX = "private:"
-
 OPS = ("connect", "subscribe", "unsubscribe", "publish", "ping", "refresh")
 
 #: Tokens longer than this many characters are refused (``connect`` here; the handshake and
@@ -97,20 +99,71 @@ CLOSE_CODES = {
 _MAX_ID_LEN = 64
 
 
+#: A command's ``id`` as the client sent it, echoed in the reply: an int, a string of at
+#: most 64 characters, or None when absent.
+CommandId = int | str | None
+
+
 @dataclass(frozen=True, slots=True)
-class Command:
-    """One parsed client command.
+class Subscribe:
+    """``{"op":"subscribe","channel":...}``: ``channel`` is a valid name (not yet checked
+    against the connection's permissions)."""
 
-    ``op`` is one of :data:`OPS`; ``id`` is the client's id (int, str or None) to echo back;
-    ``channel`` is set for subscribe, unsubscribe and publish; ``data`` is the publish payload
-    already serialised to JSON bytes; ``token`` is set for connect and refresh.
-    """
+    channel: str
+    id: CommandId = None
+    op: ClassVar[str] = "subscribe"
 
-    op: str
-    id: int | str | None = None
-    channel: str | None = None
-    data: bytes | None = None
-    token: str | None = None
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    """``{"op":"unsubscribe","channel":...}``."""
+
+    channel: str
+    id: CommandId = None
+    op: ClassVar[str] = "unsubscribe"
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """``{"op":"publish","channel":...,"data":...}``: ``data`` is the payload already
+    serialised to JSON bytes."""
+
+    channel: str
+    data: bytes
+    id: CommandId = None
+    op: ClassVar[str] = "publish"
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """``{"op":"ping"}``: answered with a ``pong``."""
+
+    id: CommandId = None
+    op: ClassVar[str] = "ping"
+
+
+@dataclass(frozen=True, slots=True)
+class Connect:
+    """``{"op":"connect","token":...}``: ``token`` is a non-empty string of at most
+    :data:`MAX_TOKEN_BYTES` characters, not yet verified."""
+
+    token: str
+    id: CommandId = None
+    op: ClassVar[str] = "connect"
+
+
+@dataclass(frozen=True, slots=True)
+class Refresh:
+    """``{"op":"refresh","token":...}``: ``token`` is a non-empty string, not yet verified."""
+
+    token: str
+    id: CommandId = None
+    op: ClassVar[str] = "refresh"
+
+
+#: One parsed client command: one frozen dataclass per op of :data:`OPS`; each has the
+#: client's ``id`` and its ``op`` name as a class attribute.
+Command = Subscribe | Unsubscribe | Publish | Ping | Connect | Refresh
 
 
 def parse_command(frame: str | bytes) -> Command:
@@ -124,30 +177,31 @@ def parse_command(frame: str | bytes) -> Command:
     id when it was read.
     """
     obj, cid, op = _envelope(frame)
-    if op in ("subscribe", "unsubscribe", "publish"):
+    if op == "subscribe":
+        return Subscribe(check_channel(obj.get("channel"), cid), cid)
+    if op == "unsubscribe":
+        return Unsubscribe(check_channel(obj.get("channel"), cid), cid)
+    if op == "publish":
         channel = check_channel(obj.get("channel"), cid)
-        if op != "publish":
-            return Command(op, cid, channel)
         if "data" not in obj:
             raise ProtocolError("bad_request", "publish needs a 'data' field", cid)
-        return Command(op, cid, channel, data=encode_data(obj["data"], cid))
+        return Publish(channel, encode_data(obj["data"], cid), cid)
     if op == "ping":
-        return Command(op, cid)
+        return Ping(cid)
     if op == "connect":
-        return Command(op, cid, token=_connect_token(obj, cid))
+        return Connect(_connect_token(obj, cid), cid)
     if op == "refresh":
         token = obj.get("token")
         if not isinstance(token, str) or not token:
             raise ProtocolError("bad_request", "refresh needs a string field 'token'", cid)
-        return Command(op, cid, token=token)
+        return Refresh(token, cid)
     raise ProtocolError("bad_request", f"unknown op {op[:32]!r}", cid)
 
 
-def parse_connect(frame: str | bytes) -> Command | None:
+def parse_connect(frame: str | bytes) -> Connect | None:
     """Parse the first frame of a connection pending authentication.
 
-    Returns the ``connect`` :class:`Command` (its ``token`` a non-empty string of at most
-    :data:`MAX_TOKEN_BYTES` characters, not yet verified), or None when ``frame`` is no
+    Returns the :class:`Connect` command, or None when ``frame`` is no
     ``connect`` command at all: a binary frame, invalid JSON, not an object, a bad ``id``,
     another op (the hub closes with 4006). Raises :class:`ProtocolError` ``bad_request`` for
     a ``connect`` whose ``token`` is missing, not a string, empty or too long (close 4002).
@@ -158,7 +212,7 @@ def parse_connect(frame: str | bytes) -> Command | None:
         return None
     if op != "connect":
         return None
-    return Command(op, cid, token=_connect_token(obj, cid))
+    return Connect(_connect_token(obj, cid), cid)
 
 
 def _connect_token(obj: dict[str, Any], cid: object) -> str:
@@ -169,7 +223,7 @@ def _connect_token(obj: dict[str, Any], cid: object) -> str:
     return token
 
 
-def _envelope(frame: str | bytes) -> tuple[dict[str, Any], int | str | None, str]:
+def _envelope(frame: str | bytes) -> tuple[dict[str, Any], CommandId, str]:
     """The JSON object of ``frame``, its checked ``id`` and its ``op`` (not yet checked
     against :data:`OPS`). Raises ``bad_request`` as :func:`parse_command` says."""
     if isinstance(frame, bytes):
@@ -213,26 +267,10 @@ def check_channel(name: object, cid: object = None) -> str:
         raise ProtocolError("bad_channel", "channel names are 1-128 characters of "
                             "A-Z a-z 0-9 _ . : @ / -", cid)
     lowered = name[:8].lower()
-    for prefix in (PERSONAL_PREFIX, PRIVATE_PREFIX):
+    for prefix in RESERVED_PREFIXES:
         if lowered.startswith(prefix) and not name.startswith(prefix):
             raise ProtocolError("bad_channel", f"the reserved prefix is spelled {prefix!r}", cid)
     return name
-
-
-def personal_channel(user_id: str) -> str:
-    """The personal channel of ``user_id``: ``user:<id>``."""
-    return PERSONAL_PREFIX + user_id
-
-
-def channel_matches(channel: str, patterns: tuple[str, ...] | list[str]) -> bool:
-    """True if ``channel`` equals a pattern, or starts with a pattern ending in ``*`` minus it."""
-    for pattern in patterns:
-        if pattern.endswith("*"):
-            if channel.startswith(pattern[:-1]):
-                return True
-        elif channel == pattern:
-            return True
-    return False
 
 
 def payload_to_json(payload: bytes) -> bytes:

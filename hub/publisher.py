@@ -22,8 +22,9 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import RedisCluster
 
+from .channels import personal_channel
 from .exceptions import ProtocolError
-from .protocol import check_channel, encode_data, personal_channel
+from .protocol import check_channel, encode_data
 from .sharding import shard_index
 
 __all__ = ["AsyncPublisher", "Publisher"]

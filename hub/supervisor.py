@@ -94,6 +94,9 @@ def run_workers(config: Config) -> int:
         raise ConfigError(f"--port 0 cannot be used with --workers {config.workers}: each "
                           "worker would listen on a different ephemeral port; give a port")
     config.ssl_context()  # each worker loads the files again; fail here, once, if they are bad
+    from .server import loop_runner
+
+    loop_runner(config.loop)  # likewise for a --loop that is not installed
     _check_bind(config.host, config.port, share_port=config.share_port)
     return _Supervisor(config).run()
 

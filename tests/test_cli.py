@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -180,3 +181,64 @@ def test_a_server_traceback_does_not_carry_the_uvloop_import_error():
     assert "RuntimeError: a bug in the server" in result.stderr
     assert "uvloop" not in result.stderr, result.stderr
     assert "During handling of the above exception" not in result.stderr
+
+
+# -- --loop ---------------------------------------------------------------------------------------
+
+WITHOUT_UVLOOP = ("import sys; sys.modules['uvloop'] = None; from hub.cli import main; "
+                  "sys.exit(main(sys.argv[1:]))")
+
+
+def serve_log(*args: str, prelude: str | None = None, env: dict[str, str] | None = None) -> str:
+    """Start ``hub serve ARGS`` on a free port, wait for its listening line, stop it with
+    SIGTERM, and return its log (asserting exit 0)."""
+    port = free_port()
+    cmd = ["-c", prelude, "serve"] if prelude else ["-m", "hub", "serve"]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
+    clean["PYTHONPATH"] = str(ROOT) + os.pathsep + clean.get("PYTHONPATH", "")
+    proc = subprocess.Popen([sys.executable, *cmd, "--port", str(port), *args], cwd=ROOT,
+                            env={**clean, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "listening on" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, "".join(lines) + out
+    return "".join(lines) + out
+
+
+@pytest.mark.parametrize(("flags", "prelude", "loop"), [
+    ((), None, "uvloop"),  # auto, uvloop installed (the test extra has it)
+    (("--loop", "auto"), WITHOUT_UVLOOP, "asyncio"),
+    (("--loop", "asyncio"), None, "asyncio"),
+    (("--loop", "uvloop"), None, "uvloop"),
+])
+def test_loop_choice_is_the_loop_the_hub_runs_on(flags, prelude, loop):
+    log = serve_log(*flags, prelude=prelude)
+    assert re.search(rf"listening on 127\.0\.0\.1:\d+ \(MemoryBroker broker, {loop} loop\)",
+                     log), log
+
+
+def test_loop_from_the_environment():
+    log = serve_log(env={"HUB_LOOP": "asyncio"})
+    assert "asyncio loop)" in log, log
+
+
+@pytest.mark.parametrize("workers", [(), ("--workers", "2", "--redis-url",
+                                          "redis://127.0.0.1:1")])
+def test_loop_uvloop_without_uvloop_exits_2(workers):
+    result = run_python("-c", WITHOUT_UVLOOP, "serve", "--port", str(free_port()),
+                        "--loop", "uvloop", *workers)
+    assert "--loop uvloop: uvloop is not installed" in config_error(result)
+
+
+def test_a_bad_loop_value_is_a_usage_error():
+    result = run_cli("serve", "--loop", "trio")
+    assert result.returncode == 2 and "invalid choice: 'trio'" in result.stderr

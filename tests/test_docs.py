@@ -58,3 +58,23 @@ def test_readme_names_the_distribution_pyproject_builds():
     assert project["name"] != "hub"  # taken on PyPI by an unrelated package
     assert f"**`{project['name']}`**" in README
     assert project["scripts"]["hub"] == "hub.cli:main"
+
+
+def test_architecture_tree_matches_the_package():
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    tree = doc.split("## The tree")[1].split("```")[1]
+    named, folder = set(), ""
+    for line in tree.splitlines():
+        m = re.match(r"( *)(\S+)", line)
+        if not m or m.group(2) == "hub/":
+            continue
+        name = m.group(2)
+        if name.endswith("/"):
+            folder = name
+        elif len(m.group(1)) == 2:
+            folder = ""
+            named.add(name)
+        else:
+            named.add(folder + name)
+    actual = {str(p.relative_to(ROOT / "hub")) for p in (ROOT / "hub").rglob("*.py")}
+    assert named == actual

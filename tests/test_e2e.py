@@ -334,7 +334,7 @@ async def test_many_clients_receive_every_message_once_in_order(redis_server, hu
 
 async def test_fan_out_mixes_compressed_and_plain_connections(redis_server, hub_factory):
     """One wire frame is shared by the plain connections; a connection that negotiated
-    permessage-deflate gets its own compressed frame (hub.node.fan_out); the others go on
+    permessage-deflate gets its own compressed frame (hub.connection.fan_out); the others go on
     after one closes. Every frame is parsed by the websockets client."""
     hub = hub_factory("--compression", "deflate", redis=redis_server)
     async with open_ws(hub.ws_url) as plain1, open_ws(hub.ws_url) as plain2, \

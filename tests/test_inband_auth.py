@@ -16,7 +16,7 @@ from websockets.exceptions import ConnectionClosed
 
 from hub.auth import MAX_TOKEN_BYTES, origin_problems
 from hub.exceptions import ProtocolError
-from hub.protocol import Command, parse_command, parse_connect
+from hub.protocol import Connect, parse_command, parse_connect
 
 from .conftest import wait_until
 from .test_security import (
@@ -58,9 +58,8 @@ async def closed_with(ws, timeout: float = 10) -> tuple[int | None, str]:
 # -- the wire format, without sockets --------------------------------------------------------
 
 def test_parse_connect_and_its_token_limits():
-    assert parse_command('{"op":"connect","token":"t","id":1}') == Command("connect", 1,
-                                                                           token="t")
-    assert parse_connect('{"op":"connect","token":"t"}') == Command("connect", token="t")
+    assert parse_command('{"op":"connect","token":"t","id":1}') == Connect("t", 1)
+    assert parse_connect('{"op":"connect","token":"t"}') == Connect("t")
     at_limit = "t" * MAX_TOKEN_BYTES
     assert parse_connect(json.dumps({"op": "connect", "token": at_limit})).token == at_limit
     for bad in ('{"op":"connect"}', '{"op":"connect","token":""}', '{"op":"connect","token":5}',

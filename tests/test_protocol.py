@@ -7,11 +7,14 @@ import json
 import orjson
 import pytest
 
+from hub.channels import channel_matches
 from hub.exceptions import ProtocolError
 from hub.protocol import (
-    Command,
+    Ping,
+    Refresh,
+    Subscribe,
+    Unsubscribe,
     ack_frame,
-    channel_matches,
     check_channel,
     error_frame,
     gap_frame,
@@ -28,16 +31,14 @@ def code_of(frame) -> str:
 
 
 def test_parse_valid_commands():
-    assert parse_command('{"op":"subscribe","channel":"news","id":1}') == Command(
-        "subscribe", 1, "news")
-    assert parse_command('{"op":"unsubscribe","channel":"a.b:c@d/e-f_g"}') == Command(
-        "unsubscribe", None, "a.b:c@d/e-f_g")
+    assert parse_command('{"op":"subscribe","channel":"news","id":1}') == Subscribe("news", 1)
+    assert parse_command('{"op":"unsubscribe","channel":"a.b:c@d/e-f_g"}') == Unsubscribe(
+        "a.b:c@d/e-f_g", None)
     cmd = parse_command('{"op":"publish","channel":"chat:1","data":{"x":[1,2]},"id":"q"}')
     assert cmd.op == "publish" and cmd.id == "q" and orjson.loads(cmd.data) == {"x": [1, 2]}
     assert parse_command('{"op":"publish","channel":"c","data":null}').data == b"null"
-    assert parse_command('{"op":"ping"}') == Command("ping")
-    assert parse_command('{"op":"refresh","token":"t","id":2}') == Command("refresh", 2,
-                                                                           token="t")
+    assert parse_command('{"op":"ping"}') == Ping()
+    assert parse_command('{"op":"refresh","token":"t","id":2}') == Refresh("t", 2)
 
 
 @pytest.mark.parametrize("frame,code", [

@@ -1,0 +1,138 @@
+"""The opening handshake of ``/ws`` (RFC 6455 section 4.2): who may upgrade, as who.
+
+A handshake is refused with an HTTP status and one log line (never the query string, where a
+token may be): 400 for a malformed request (two ``Origin`` or ``Authorization`` headers, a
+bad ``?user=`` in development mode), 401 for a bad token, 403 for an Origin that is not an
+``--allowed-origin``, 503 while stopping, past ``--max-connections`` or when the personal
+channel cannot be subscribed. An accepted handshake either carries an identity (a token in
+``Authorization`` or ``?token=``, or ``?user=`` without ``--jwt-secret``) or none, and then
+waits for an in-band ``connect`` (:mod:`hub.session`). docs/protocol.md section 2.
+"""
+
+from __future__ import annotations
+
+import http
+import logging
+from collections.abc import Sequence
+
+from websockets.http11 import Request, Response
+
+from .auth import identify
+from .channels import personal_channel
+from .connection import HubConnection
+from .exceptions import AuthError, BrokerUnavailable
+from .forwarded import client_address, parse_networks
+from .node import Node
+from .session import Sessions
+
+__all__ = ["Handshake"]
+
+# The connection log keeps the logger name operators already filter on.
+logger = logging.getLogger("hub.server")
+
+
+class Handshake:
+    """Decides every ``/ws`` handshake of one process and counts the open connections.
+
+    ``allowed_origin`` are the accepted ``Origin`` values (empty: any); ``trusted_proxy`` the
+    addresses or networks whose ``X-Forwarded-For`` names the client in log lines;
+    ``jwt_secret`` None means authentication is off. ``max_connections`` bounds
+    :attr:`open_connections`, counted from an accepted handshake to ``connection_lost``.
+    """
+
+    def __init__(self, node: Node, sessions: Sessions, *, allowed_origin: Sequence[str],
+                 trusted_proxy: Sequence[str], jwt_secret: str | None,
+                 max_connections: int) -> None:
+        self.node = node
+        self.sessions = sessions
+        self.origins = frozenset(allowed_origin)
+        self.trusted = parse_networks(trusted_proxy)
+        self.jwt_secret = jwt_secret
+        self.max_connections = max_connections
+        self.open_connections = 0
+        #: Set by the server when it starts stopping: new handshakes get 503.
+        self.stopping = False
+
+    def request(self, conn: HubConnection, request: Request) -> Response | None:
+        """Decide the handshake of ``request`` (path ``/ws`` or any other but the probes):
+        None lets it upgrade, else the refusal to send."""
+        path = request.path.partition("?")[0]
+        peer = conn.remote_address[0] if conn.remote_address else None
+        conn.remote = client_address(peer, request.headers.get_all("X-Forwarded-For"),
+                                     self.trusted)
+        if path != "/ws":
+            return self.refuse(conn, path, http.HTTPStatus.NOT_FOUND,
+                               "not found; the WebSocket endpoint is /ws")
+        origins = request.headers.get_all("Origin")
+        if len(origins) > 1:
+            return self.refuse(conn, path, http.HTTPStatus.BAD_REQUEST,
+                               "more than one Origin header")
+        # Requests without Origin (non-browser clients) are accepted; browsers always send it.
+        if self.origins and origins and origins[0] not in self.origins:
+            return self.refuse(conn, path, http.HTTPStatus.FORBIDDEN,
+                               f"Origin {origins[0][:100]!r} is not an --allowed-origin")
+        if self.stopping:
+            return self.refuse(conn, path, http.HTTPStatus.SERVICE_UNAVAILABLE,
+                               "shutting down")
+        if self.open_connections >= self.max_connections:
+            return self.refuse(conn, path, http.HTTPStatus.SERVICE_UNAVAILABLE,
+                               "too many connections")
+        authorization = request.headers.get_all("Authorization")
+        if len(authorization) > 1:
+            return self.refuse(conn, path, http.HTTPStatus.BAD_REQUEST,
+                               "more than one Authorization header")
+        try:
+            identity = identify(request.path, authorization[0] if authorization else None,
+                                self.jwt_secret)
+        except AuthError as exc:
+            status = (http.HTTPStatus.BAD_REQUEST if self.jwt_secret is None
+                      else http.HTTPStatus.UNAUTHORIZED)
+            return self.refuse(conn, path, status, str(exc))
+        if identity is None:  # no token offered: authenticate in-band with connect
+            self.sessions.expect_connect(conn)
+        else:
+            self.sessions.authorize(conn, identity)
+        conn.counted = True
+        self.open_connections += 1
+        return None
+
+    def refuse(self, conn: HubConnection, path: str, status: http.HTTPStatus,
+               reason: str) -> Response:
+        """The response refusing a handshake, logged in one line (never the query string,
+        where a token may be): WARNING for 403, else INFO."""
+        logger.log(logging.WARNING if status == http.HTTPStatus.FORBIDDEN else logging.INFO,
+                   "handshake refused (%d) remote=%s path=%r: %s", status, conn.remote,
+                   path[:100], reason)
+        return conn.respond(status, f"{reason}\n")
+
+    async def response(self, conn: HubConnection, request: Request,
+                       response: Response) -> Response | None:
+        """Register an accepted connection and make its personal channel live before the
+        101 goes out, so a backend may push to ``user:<id>`` as soon as the client is open.
+        A connection pending authentication is registered at its ``connect`` instead.
+        Returns a 503 instead of the 101 when the broker cannot take the personal channel."""
+        if response.status_code != http.HTTPStatus.SWITCHING_PROTOCOLS:
+            exc = conn.handshake_error
+            if exc is not None:  # websockets refused it (no Upgrade, bad key...): log it too
+                logger.info("handshake refused (%d) remote=%s path=%r: %s",
+                            response.status_code, conn.remote,
+                            request.path.partition("?")[0][:100], str(exc)[:200])
+            return None
+        if conn.pending:
+            return None
+        self.node.attach(conn)
+        if conn.user is None:
+            return None
+        try:
+            await self.node.subscribe(conn, personal_channel(conn.user))
+        except BrokerUnavailable:
+            self.node.detach(conn)
+            return self.refuse(conn, request.path.partition("?")[0],
+                               http.HTTPStatus.SERVICE_UNAVAILABLE, "broker not connected")
+        return None
+
+    def release(self, conn: HubConnection) -> None:
+        """``conn``'s TCP connection is gone: it no longer counts. Idempotent."""
+        if conn.counted:
+            conn.counted = False
+            self.open_connections -= 1
