@@ -16,7 +16,8 @@ presence add; docs/protocol.md section 3 is the contract.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 from .exceptions import ProtocolError
 
@@ -25,6 +26,7 @@ __all__ = [
     "PRIVATE_PREFIX",
     "RESERVED_PREFIXES",
     "ChannelRules",
+    "NamespaceOptions",
     "channel_matches",
     "namespace_of",
     "personal_channel",
@@ -61,16 +63,43 @@ def channel_matches(channel: str, patterns: Sequence[str]) -> bool:
     return False
 
 
-class ChannelRules:
-    """The permission checks of one hub process.
+@dataclass(frozen=True, slots=True)
+class NamespaceOptions:
+    """The options of the channels of one namespace (``[namespaces.<name>]`` in the
+    configuration file, :mod:`hub.configfile`).
 
-    ``client_publish`` are the ``--client-publish`` patterns (exact names or prefixes ending
-    in ``*``; ``*`` alone allows every channel, personal ones included). The checks raise
-    :class:`ProtocolError` ``forbidden`` carrying the command id ``cid``.
+    ``history_size``: messages kept per channel (0: no history); ``history_ttl``: seconds the
+    history lives after the channel's last publish.
     """
 
-    def __init__(self, client_publish: Sequence[str] = ()) -> None:
+    history_size: int = 0
+    history_ttl: float = 0.0
+
+    @property
+    def history(self) -> bool:
+        """True when the channels of this namespace keep a history."""
+        return self.history_size > 0
+
+
+class ChannelRules:
+    """The channel rules of one hub process: permissions and per-namespace options.
+
+    ``client_publish`` are the ``--client-publish`` patterns (exact names or prefixes ending
+    in ``*``; ``*`` alone allows every channel, personal ones included). ``namespaces`` maps a
+    namespace name to its options; ``defaults`` are the options of every other channel. The
+    checks raise :class:`ProtocolError` ``forbidden`` carrying the command id ``cid``.
+    """
+
+    def __init__(self, client_publish: Sequence[str] = (),
+                 namespaces: Mapping[str, NamespaceOptions] | None = None,
+                 defaults: NamespaceOptions | None = None) -> None:
         self.client_publish = tuple(client_publish)
+        self.namespaces = dict(namespaces or {})
+        self.defaults = defaults or NamespaceOptions()
+
+    def options(self, channel: str) -> NamespaceOptions:
+        """The options of ``channel``: its namespace's, else the defaults."""
+        return self.namespaces.get(namespace_of(channel), self.defaults)
 
     def check_subscribe(self, user: str | None, grants: Sequence[str], channel: str,
                         cid: object = None) -> None:

@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_PUBLISH_OPTIONS = ("redis_url", "redis_prefix", "redis_cluster")
+_PUBLISH_OPTIONS = ("redis_url", "redis_prefix", "redis_cluster", "config")
 
 
 def _add_option(parser: argparse.ArgumentParser, opt: Option,

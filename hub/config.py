@@ -21,6 +21,7 @@ from typing import Any
 
 from redis.connection import parse_url
 
+from .channels import NamespaceOptions
 from .exceptions import ConfigError
 from .forwarded import parse_networks
 
@@ -122,6 +123,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("probe_interval", float, "seconds between Redis liveness probes"),
     Option("probe_timeout", float, "seconds a probe may take before the Redis link is "
            "declared dead and reconnected"),
+    Option("config", str, "TOML configuration file: any option above (under its name with "
+           "underscores) and the [channels] and [namespaces.<name>] tables; flags and "
+           "variables win over it", default_text="none"),
 )
 
 _BY_NAME = {o.name: o for o in OPTIONS}
@@ -162,6 +166,11 @@ class Config:
     shutdown_timeout: float = 10.0
     probe_interval: float = 1.0
     probe_timeout: float = 2.0
+    config: str | None = None
+    # Only in the configuration file (no flag): the per-namespace channel options.
+    channels: NamespaceOptions = field(default=NamespaceOptions(), metadata={"file_only": True})
+    namespaces: tuple[tuple[str, NamespaceOptions], ...] = field(
+        default=(), metadata={"file_only": True})
 
     def __post_init__(self) -> None:
         self.validate()
@@ -204,21 +213,44 @@ class Config:
     @classmethod
     def from_sources(cls, flags: Mapping[str, Any], environ: Mapping[str, str] | None = None,
                      ) -> Config:
-        """Merge ``flags`` (None or absent: not given) over ``environ`` over the defaults.
+        """Merge ``flags`` (None or absent: not given) over ``environ`` over the configuration
+        file (``config``, from the flag or ``HUB_CONFIG``) over the defaults.
 
-        Raises :class:`ConfigError` naming the flag or variable whose value is bad.
+        Raises :class:`ConfigError` naming the flag, variable or file key whose value is bad.
         """
         environ = os.environ if environ is None else environ
+        path = flags.get("config") or environ.get(env_name("config")) or None
+        file = None
+        if path is not None:
+            from .configfile import read_config_file
+
+            file = read_config_file(path, {o.name: (o.type, o.repeat) for o in OPTIONS
+                                           if o.name != "config"})
         values: dict[str, Any] = {}
+        from_file: list[str] = []
         for opt in OPTIONS:
             value = flags.get(opt.name)
             if value is None or (opt.repeat and not value):
                 raw = environ.get(opt.env)
                 if raw is None or raw == "":
-                    continue
-                value = _parse(opt, raw)
+                    if file is None or opt.name not in file.options:
+                        continue
+                    value = file.options[opt.name]
+                    from_file.append(opt.name)
+                else:
+                    value = _parse(opt, raw)
             values[opt.name] = tuple(value) if opt.repeat else value
-        return cls(**values)
+        if file is not None:
+            values["channels"] = file.channels
+            values["namespaces"] = tuple(sorted(file.namespaces.items()))
+        try:
+            return cls(**values)
+        except ConfigError as exc:
+            for name in from_file:  # a value of the file: say where it came from
+                flag = _BY_NAME[name].flag
+                if str(exc).startswith((flag + " ", flag + ":")):
+                    raise ConfigError(f"{path}: {name}: {exc}") from None
+            raise
 
     def replace(self, **changes: Any) -> Config:
         """A copy with ``changes`` applied and validated."""
@@ -260,7 +292,8 @@ class Config:
 
 
 #: Every option's default, from the Config fields (the one place each is written).
-_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(Config)}
+_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(Config)
+                             if not f.metadata.get("file_only")}
 
 
 def address_error(host: str, port: int, exc: OSError) -> ConfigError:

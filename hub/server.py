@@ -58,7 +58,8 @@ class Hub:
                                prefix=config.redis_prefix, probe_interval=config.probe_interval,
                                probe_timeout=config.probe_timeout)
         self.node = Node(broker, self.metrics)
-        self.sessions = Sessions(self.node, ChannelRules(config.client_publish), self.metrics,
+        rules = ChannelRules(config.client_publish, dict(config.namespaces), config.channels)
+        self.sessions = Sessions(self.node, rules, self.metrics,
                                  jwt_secret=config.jwt_secret,
                                  auth_timeout=config.auth_timeout,
                                  rate_limit=config.rate_limit,

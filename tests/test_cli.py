@@ -242,3 +242,42 @@ def test_loop_uvloop_without_uvloop_exits_2(workers):
 def test_a_bad_loop_value_is_a_usage_error():
     result = run_cli("serve", "--loop", "trio")
     assert result.returncode == 2 and "invalid choice: 'trio'" in result.stderr
+
+
+# -- --config -------------------------------------------------------------------------------------
+
+
+def test_a_wrong_configuration_file_exits_2_naming_file_and_key(tmp_path):
+    path = tmp_path / "hub.toml"
+    path.write_text("[namespaces.chat]\nhistory_size = 100\nhistory_ttl = \"ten minutes\"\n")
+    line = config_error(run_cli("serve", "--config", str(path)))
+    assert f"{path}: namespaces.chat.history_ttl: expected a number of seconds" in line
+    line = config_error(run_cli("serve", env={"HUB_CONFIG": str(tmp_path / "nope.toml")}))
+    assert "nope.toml: cannot read it" in line
+    line = config_error(run_cli("publish", "news", "{}", "--config", str(path)))
+    assert "namespaces.chat.history_ttl" in line
+
+
+def test_the_configuration_file_sets_options(tmp_path):
+    port = free_port()
+    path = tmp_path / "hub.toml"
+    path.write_text(f'port = {port}\nloop = "asyncio"\n\n[namespaces.chat]\n'
+                    'history_size = 100\nhistory_ttl = 600\n')
+    log = serve_log("--config", str(path))  # serve_log's --port comes first: the flag wins
+    assert "asyncio loop)" in log, log
+    # a file without a flag given: its port is used
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
+    clean["PYTHONPATH"] = str(ROOT) + os.pathsep + clean.get("PYTHONPATH", "")
+    proc = subprocess.Popen([sys.executable, "-m", "hub", "serve", "--config", str(path)],
+                            cwd=ROOT, env=clean, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "listening on" in line:
+                assert f"127.0.0.1:{port} " in line, line
+                break
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        proc.kill()
