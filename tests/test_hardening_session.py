@@ -389,3 +389,21 @@ async def test_keepalive_timeout_close_is_counted_once(hub_factory):
     await asyncio.sleep(0.5)
     assert closes_metric(hub, 1011) == 1
     assert closes_metric(hub, 1000) == 0
+
+
+# -- memory: the new per-connection state lives in slots -------------------------------------
+
+def test_frame_budget_and_flood_window_state_is_in_slots():
+    """No instance-dict keys for the new state (docs/benchmarks.md: a resized dict costs every
+    idle connection): 8 bytes a slot."""
+    from websockets.asyncio.server import ServerConnection
+
+    from hub.connection import HubConnection
+
+    new = {"frames", "frames_at", "commands", "refused"}
+    assert new <= set(HubConnection.__slots__)
+    assert "strikes" not in HubConnection.__slots__
+    extra = HubConnection.__basicsize__ - ServerConnection.__basicsize__
+    print(f"HubConnection slots: {len(HubConnection.__slots__)}, {extra} bytes over "
+          "ServerConnection's instance")
+    assert extra == 8 * len(HubConnection.__slots__)
