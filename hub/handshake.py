@@ -46,7 +46,7 @@ class Handshake:
 
     def __init__(self, node: Node, sessions: Sessions, *, allowed_origin: Sequence[str],
                  trusted_proxy: Sequence[str], jwt_secret: str | None,
-                 max_connections: int, max_connections_per_user: int = 0) -> None:
+                 max_connections: int, max_connections_per_user: int) -> None:
         self.node = node
         self.sessions = sessions
         self.origins = frozenset(allowed_origin)

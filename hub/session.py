@@ -74,7 +74,7 @@ class Sessions:
                  jwt_secret: str | None, auth_timeout: float,
                  # Limits
                  rate_limit: float, max_subscriptions: int,
-                 max_connections_per_user: int = 0) -> None:
+                 max_connections_per_user: int) -> None:
         self.node = node
         self.rules = rules
         self.metrics = metrics
