@@ -111,12 +111,18 @@ OPTIONS: tuple[Option, ...] = (
            "refused"),
     # Limits
     Option("max_connections", int, "connections per process; past it the handshake gets 503"),
+    Option("max_connections_per_user", int, "connections per user id per process; past it "
+           "the handshake gets 429 and an in-band connect is closed with 4009; 0 disables"),
     Option("max_subscriptions", int, "channel subscriptions per connection"),
     Option("max_message_bytes", int, "largest client message in bytes; larger closes with 1009"),
     Option("max_buffer_bytes", int, "per-connection write buffer in bytes above which a "
            "slow consumer is closed with 4008"),
     Option("rate_limit", float, "client commands per second per connection (token bucket, "
-           "burst of twice that); 0 disables"),
+           "burst of twice that); 0 disables. A connection with more than half of a window "
+           "of 4x burst commands refused is closed with 4029"),
+    Option("max_frame_rate", float, "WebSocket frames per second per connection, every frame "
+           "the client sends counted (pings, pongs, fragments); token bucket, burst of twice "
+           "that; past it close 4029; 0 disables"),
     Option("ping_interval", float, "seconds between keepalive pings; 0 disables"),
     Option("shutdown_timeout", float, "seconds a graceful stop waits for clients to close "
            "before aborting them"),
@@ -158,10 +164,12 @@ class Config:
     share_port: bool = False
     # Limits
     max_connections: int = 10000
+    max_connections_per_user: int = 100
     max_subscriptions: int = 128
     max_message_bytes: int = 65536
     max_buffer_bytes: int = 1048576
     rate_limit: float = 100.0
+    max_frame_rate: float = 1000.0
     ping_interval: float = 20.0
     shutdown_timeout: float = 10.0
     probe_interval: float = 1.0
@@ -183,9 +191,12 @@ class Config:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_BY_NAME[name].flag} must be > 0, got {getattr(self, name)}")
-        for name in ("rate_limit", "ping_interval", "shutdown_timeout"):
+        for name in ("rate_limit", "max_frame_rate", "ping_interval", "shutdown_timeout",
+                     "max_connections_per_user"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_BY_NAME[name].flag} must be >= 0, got {getattr(self, name)}")
+        if math.isnan(self.max_frame_rate):
+            raise ConfigError("--max-frame-rate must be a number, got nan")
         if not math.isfinite(self.auth_timeout):  # nan passes the > 0 check above
             raise ConfigError(f"--auth-timeout must be a finite number, got {self.auth_timeout}")
         if not 0 <= self.port <= 65535:

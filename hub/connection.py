@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterable
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.frames import Frame, Opcode
-from websockets.protocol import State
+from websockets.protocol import Event, State
 
 __all__ = ["ConnectionOwner", "HubConnection", "close_or_abort", "fan_out", "send_text"]
 
@@ -33,6 +34,11 @@ class ConnectionOwner(Protocol):
         """``conn``'s write buffer passed ``--max-buffer-bytes``; called outside any
         fan-out, on the loop iteration after the transport said so."""
 
+    def frame_flood(self, conn: HubConnection) -> None:
+        """``conn`` sent more frames than its frame budget allows (``--max-frame-rate``);
+        called outside the protocol's callbacks, on the loop iteration after the frame that
+        passed it, at most once per connection."""
+
 
 class HubConnection(ServerConnection):
     """A WebSocket connection with the hub's per-connection state.
@@ -42,18 +48,25 @@ class HubConnection(ServerConnection):
     token (with ``--jwt-secret``) until its ``connect`` is accepted; ``remote`` is the client
     address for log lines (``--trusted-proxy``); ``dropping`` is True once the hub decided to
     close it; ``counted`` while it counts against ``--max-connections``; ``expiry`` the timer
-    of its token's ``exp``. ``tokens``, ``refilled`` and ``strikes`` are the rate limiter's
-    state (:mod:`hub.session`).
+    of its token's ``exp``. ``tokens``, ``refilled``, ``commands`` and ``refused`` are the
+    command rate limiter's state (:mod:`hub.session`); ``frames`` and ``frames_at`` the
+    frame budget's (:meth:`process_event`).
 
-    Build a subclass per server with ``owner`` set (see :class:`ConnectionOwner`).
+    Build a subclass per server with ``owner``, ``frame_rate`` and ``frame_burst`` set (see
+    :class:`ConnectionOwner`).
     """
 
     owner: ConnectionOwner  # set on the per-server subclass
+    #: Frames per second the peer may send (every frame: data, continuation, ping, pong,
+    #: close) and the bucket's size, in frames; 0 disables the frame budget. Set on the
+    #: per-server subclass (``--max-frame-rate``).
+    frame_rate: ClassVar[float] = 0.0
+    frame_burst: ClassVar[float] = 0.0
 
     # Slots, not __dict__ entries: eight more keys made every connection's instance dict
     # resize (the figure is in docs/benchmarks.md, "Where the time goes").
-    __slots__ = ("counted", "dropping", "expiry", "pending", "private", "refilled", "remote",
-                 "strikes", "tokens", "user")
+    __slots__ = ("commands", "counted", "dropping", "expiry", "frames", "frames_at", "pending",
+                 "private", "refilled", "refused", "remote", "tokens", "user")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -65,8 +78,39 @@ class HubConnection(ServerConnection):
         self.counted = False
         self.tokens = 0.0
         self.refilled = 0.0
-        self.strikes = 0
+        self.commands = 0
+        self.refused = 0
+        # The first frame finds the bucket full: it refills from time 0.
+        self.frames = 0.0
+        self.frames_at = 0.0
         self.expiry: asyncio.TimerHandle | None = None
+
+    def process_event(self, event: Event) -> None:
+        """Count every frame the peer sends against the frame budget, then let the library
+        handle it.
+
+        websockets 17 calls this for each event ``data_received`` parses: the handshake
+        request first, then every frame (a fragment or control frame too; the library has
+        already queued the automatic pong of a ping). A token bucket of ``frame_burst``
+        frames refilled at ``frame_rate`` per second; the frame that finds it empty makes
+        the owner close the connection (:meth:`ConnectionOwner.frame_flood`, 4029). Frames
+        keep being handled as usual until the close: the session skips the commands of a
+        connection that is being dropped."""
+        rate = self.frame_rate
+        if rate > 0 and isinstance(event, Frame):
+            now = time.monotonic()
+            frames = self.frames + (now - self.frames_at) * rate
+            self.frames_at = now
+            if frames > self.frame_burst:
+                frames = self.frame_burst
+            if frames >= 1.0:
+                self.frames = frames - 1.0
+            else:
+                self.frames = frames
+                if not self.dropping:
+                    self.dropping = True  # once: the owner closes it
+                    self.loop.call_soon(self.owner.frame_flood, self)
+        super().process_event(event)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -90,6 +134,18 @@ class HubConnection(ServerConnection):
             self.request.headers.clear()
             self.request.path = self.request.path.partition("?")[0]
         self.response = None
+
+    @property
+    def close_sent_by_library(self) -> int | None:
+        """The close code websockets itself sent, not answering the peer's close and not
+        asked by the hub (``dropping`` is False): 1011 on a keepalive ping timeout, 1009,
+        1007, 1002 for a frame it refused. None otherwise, or while no close frame went
+        out."""
+        protocol = self.protocol
+        close = protocol.close_sent
+        if close is None or self.dropping or protocol.close_rcvd_then_sent:
+            return None
+        return close.code
 
     @property
     def handshake_error(self) -> Exception | None:

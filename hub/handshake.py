@@ -3,7 +3,8 @@
 A handshake is refused with an HTTP status and one log line (never the query string, where a
 token may be): 400 for a malformed request (two ``Origin`` or ``Authorization`` headers, a
 bad ``?user=`` in development mode), 401 for a bad token, 403 for an Origin that is not an
-``--allowed-origin``, 503 while stopping, past ``--max-connections`` or when the personal
+``--allowed-origin``, 429 for a user that already has ``--max-connections-per-user``
+connections, 503 while stopping, past ``--max-connections`` or when the personal
 channel cannot be subscribed. An accepted handshake either carries an identity (a token in
 ``Authorization`` or ``?token=``, or ``?user=`` without ``--jwt-secret``) or none, and then
 waits for an in-band ``connect`` (:mod:`hub.session`). docs/protocol.md section 2.
@@ -37,18 +38,22 @@ class Handshake:
     ``allowed_origin`` are the accepted ``Origin`` values (empty: any); ``trusted_proxy`` the
     addresses or networks whose ``X-Forwarded-For`` names the client in log lines;
     ``jwt_secret`` None means authentication is off. ``max_connections`` bounds
-    :attr:`open_connections`, counted from an accepted handshake to ``connection_lost``.
+    :attr:`open_connections`, counted from an accepted handshake to ``connection_lost``;
+    ``max_connections_per_user`` (0: no limit) bounds the attached connections of one user
+    id (the node's registry; a handshake with an identity is attached in :meth:`response`,
+    in the same step as its acceptance here).
     """
 
     def __init__(self, node: Node, sessions: Sessions, *, allowed_origin: Sequence[str],
                  trusted_proxy: Sequence[str], jwt_secret: str | None,
-                 max_connections: int) -> None:
+                 max_connections: int, max_connections_per_user: int) -> None:
         self.node = node
         self.sessions = sessions
         self.origins = frozenset(allowed_origin)
         self.trusted = parse_networks(trusted_proxy)
         self.jwt_secret = jwt_secret
         self.max_connections = max_connections
+        self.max_connections_per_user = max_connections_per_user
         self.open_connections = 0
         #: Set by the server when it starts stopping: new handshakes get 503.
         self.stopping = False
@@ -91,6 +96,12 @@ class Handshake:
         if identity is None:  # no token offered: authenticate in-band with connect
             self.sessions.expect_connect(conn)
         else:
+            limit = self.max_connections_per_user
+            if (limit and identity.user is not None
+                    and self.node.connections_of_user(identity.user) >= limit):
+                return self.refuse(conn, path, http.HTTPStatus.TOO_MANY_REQUESTS,
+                                   f"user {identity.user[:64]!r} already has {limit} "
+                                   "connections")
             self.sessions.authorize(conn, identity)
         conn.counted = True
         self.open_connections += 1

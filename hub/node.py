@@ -134,6 +134,10 @@ class Node:
         attached (never, or detached since)."""
         return self.registry.channels_of.get(conn)
 
+    def connections_of_user(self, user: str) -> int:
+        """How many attached connections ``user`` has."""
+        return len(self.registry.by_user.get(user, ()))
+
     def connections(self) -> list[HubConnection]:
         """Every attached connection (a copy)."""
         return list(self.registry.connections())

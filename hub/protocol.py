@@ -29,6 +29,7 @@ __all__ = [
     "CLOSE_RATE_LIMITED",
     "CLOSE_SLOW_CONSUMER",
     "CLOSE_TOKEN_EXPIRED",
+    "CLOSE_TOO_MANY_CONNECTIONS",
     "ERROR_CODES",
     "MAX_TOKEN_BYTES",
     "OPS",
@@ -82,7 +83,8 @@ CLOSE_INVALID_TOKEN = 4002   # connect's token is malformed, forged, too long or
 CLOSE_AUTH_TIMEOUT = 4005    # no connect within --auth-timeout
 CLOSE_AUTH_REQUIRED = 4006   # the first frame of a pending connection was not a connect
 CLOSE_SLOW_CONSUMER = 4008   # the write buffer passed --max-buffer-bytes
-CLOSE_RATE_LIMITED = 4029    # a sustained command flood past --rate-limit
+CLOSE_TOO_MANY_CONNECTIONS = 4009  # connect past --max-connections-per-user
+CLOSE_RATE_LIMITED = 4029    # a command flood past --rate-limit, or frames past --max-frame-rate
 CLOSE_CODES = {
     1001: "going away: the hub is shutting down",
     1007: "invalid UTF-8 in a text frame (RFC 6455 section 8.1)",
@@ -93,7 +95,9 @@ CLOSE_CODES = {
     4005: "authentication timeout: no connect within --auth-timeout",
     4006: "authentication required: the first frame was not a connect",
     4008: "slow consumer: the client did not read fast enough",
-    4029: "rate limit: sustained flood of commands",
+    4009: "too many connections: the user already has --max-connections-per-user",
+    4029: "rate limit: a flood of commands past --rate-limit or of frames past "
+          "--max-frame-rate",
 }
 
 _MAX_ID_LEN = 64

@@ -63,18 +63,22 @@ class Hub:
                                  jwt_secret=config.jwt_secret,
                                  auth_timeout=config.auth_timeout,
                                  rate_limit=config.rate_limit,
-                                 max_subscriptions=config.max_subscriptions)
+                                 max_subscriptions=config.max_subscriptions,
+                                 max_connections_per_user=config.max_connections_per_user)
         self.handshake = Handshake(self.node, self.sessions,
                                    allowed_origin=config.allowed_origin,
                                    trusted_proxy=config.trusted_proxy,
                                    jwt_secret=config.jwt_secret,
-                                   max_connections=config.max_connections)
+                                   max_connections=config.max_connections,
+                                   max_connections_per_user=config.max_connections_per_user)
         # Count TCP connections from handshake to connection_lost, not registry entries, so
         # that a connection being closed still counts until it is really gone.
         self.metrics.connections.set_function(lambda: self.handshake.open_connections)
         self.stopping = False
         self.server: Any = None
-        self._connection_class = type("HubConnection", (HubConnection,), {"owner": self})
+        self._connection_class = type("HubConnection", (HubConnection,), {
+            "owner": self, "frame_rate": config.max_frame_rate,
+            "frame_burst": 2 * config.max_frame_rate})
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -197,6 +201,9 @@ class Hub:
 
     def slow_consumer(self, conn: HubConnection) -> None:
         self.node.drop_slow_consumer(conn)
+
+    def frame_flood(self, conn: HubConnection) -> None:
+        self.sessions.frame_flood(conn)
 
 
 async def serve_until_signal(config: Config, reuse_port: bool = False) -> int:

@@ -29,6 +29,7 @@ from .protocol import (
     CLOSE_INVALID_TOKEN,
     CLOSE_RATE_LIMITED,
     CLOSE_TOKEN_EXPIRED,
+    CLOSE_TOO_MANY_CONNECTIONS,
     Command,
     CommandId,
     Connect,
@@ -60,14 +61,20 @@ class Sessions:
     has to send its ``connect``.
 
     Limits: ``rate_limit`` commands per second per connection (a token bucket with a burst of
-    twice that; 0 disables), ``max_subscriptions`` per connection (the personal channel not
-    counted).
+    twice that; 0 disables; a refused command gets ``rate_limited`` with its id), and a
+    flooder is closed with 4029: commands are counted in windows of :attr:`window` (4 x the
+    burst) commands and a connection is closed as soon as more than half of the commands of
+    its current window were refused, however it paces them. ``max_subscriptions`` per
+    connection (the personal channel not counted); ``max_connections_per_user``
+    connections of one user id after an in-band ``connect`` (0: no limit; the handshake
+    checks its own in :mod:`hub.handshake`), past it close 4009.
     """
 
     def __init__(self, node: Node, rules: ChannelRules, metrics: Metrics, *,
                  jwt_secret: str | None, auth_timeout: float,
                  # Limits
-                 rate_limit: float, max_subscriptions: int) -> None:
+                 rate_limit: float, max_subscriptions: int,
+                 max_connections_per_user: int) -> None:
         self.node = node
         self.rules = rules
         self.metrics = metrics
@@ -75,7 +82,10 @@ class Sessions:
         self.auth_timeout = auth_timeout
         self.rate = rate_limit
         self.burst = 2 * rate_limit
+        #: Commands per flood-detection window; more than half of them refused closes 4029.
+        self.window = max(4, int(4 * self.burst))
         self.max_subscriptions = max_subscriptions
+        self.max_connections_per_user = max_connections_per_user
         #: Connections accepted without a token, until their ``connect``: in no registry.
         self.pending: set[HubConnection] = set()
 
@@ -99,7 +109,13 @@ class Sessions:
             conn.expiry = asyncio.get_running_loop().call_later(delay, self._expire, conn)
 
     def forget(self, conn: HubConnection) -> None:
-        """Drop what the session holds of ``conn`` (its TCP connection is gone)."""
+        """Drop what the session holds of ``conn`` (its TCP connection is gone), and count a
+        close websockets sent on its own (1011 keepalive timeout, 1009, 1007, 1002) into
+        ``hub_connections_closed_total``, as :meth:`Node.close_connection` counts the hub's
+        own (those set ``dropping``, so no close is counted twice)."""
+        code = conn.close_sent_by_library
+        if code is not None:
+            self.metrics.closes.labels(str(code)).inc()
         self.pending.discard(conn)
         if conn.expiry is not None:
             conn.expiry.cancel()
@@ -113,6 +129,17 @@ class Sessions:
         self.node.detach(conn)
         self.node.close_connection(conn, CLOSE_TOKEN_EXPIRED, "token expired",
                                    SLOW_CLOSE_TIMEOUT)
+
+    def frame_flood(self, conn: HubConnection) -> None:
+        """Close ``conn`` with 4029: it sent more frames than ``--max-frame-rate`` allows
+        (:meth:`HubConnection.process_event`)."""
+        logger.warning("closing flooding connection user=%s: more than %g frames per second",
+                       conn.user, conn.frame_rate)
+        self._close_flood(conn)
+
+    def _close_flood(self, conn: HubConnection) -> None:
+        self.node.detach(conn)
+        self.node.close_connection(conn, CLOSE_RATE_LIMITED, "rate limit", SLOW_CLOSE_TIMEOUT)
 
     # -- the connection's life -------------------------------------------------------------
 
@@ -179,6 +206,11 @@ class Sessions:
             await self._deny(conn, CLOSE_INVALID_TOKEN, "invalid token", str(exc))
             return False
         assert identity.user is not None
+        limit = self.max_connections_per_user
+        if limit and self.node.connections_of_user(identity.user) >= limit:
+            await self._deny(conn, CLOSE_TOO_MANY_CONNECTIONS, "too many connections",
+                             f"user {identity.user[:64]!r} already has {limit} connections")
+            return False
         conn.user = identity.user
         conn.private = identity.channels
         conn.pending = False
@@ -211,35 +243,54 @@ class Sessions:
 
     # -- commands --------------------------------------------------------------------------
 
-    def _allow(self, conn: HubConnection) -> bool:
-        """Token bucket: True if this command may run."""
+    def _allow(self, conn: HubConnection) -> bool | None:
+        """Token bucket: True if this command may run, False if it is refused, None if it is
+        refused and the connection is a flooder: more than half of the commands of its
+        current window of :attr:`window` commands were refused."""
         if self.rate <= 0:
             return True
         now = time.monotonic()
         conn.tokens = min(self.burst, conn.tokens + (now - conn.refilled) * self.rate)
         conn.refilled = now
+        conn.commands += 1
+        if conn.commands > self.window:  # a new window starts with this command
+            conn.commands = 1
+            conn.refused = 0
         if conn.tokens >= 1.0:
             conn.tokens -= 1.0
-            conn.strikes = 0
             return True
-        conn.strikes += 1
+        conn.refused += 1
+        if 2 * conn.refused > self.window:
+            return None
         return False
 
     async def _command(self, conn: HubConnection, frame: str | bytes) -> bytes | None:
         """Run one client frame; return the reply frame (None: the connection is closed)."""
-        if not self._allow(conn):
-            if conn.strikes > self.burst:
-                logger.warning("closing flooding connection user=%s", conn.user)
-                self.node.detach(conn)
-                self.node.close_connection(conn, CLOSE_RATE_LIMITED, "rate limit",
-                                           SLOW_CLOSE_TIMEOUT)
+        allowed = self._allow(conn)
+        if not allowed:
+            if allowed is None:
+                logger.warning("closing flooding connection user=%s: more than half of %d "
+                               "commands refused", conn.user, self.window)
+                self._close_flood(conn)
                 return None
             return self._error(ProtocolError("rate_limited", f"more than {self.rate:g} "
-                                             "commands per second"))
+                                             "commands per second", self._id_of(frame)))
         try:
             return await self._run(conn, parse_command(frame))
         except ProtocolError as exc:
             return self._error(exc)
+
+    @staticmethod
+    def _id_of(frame: str | bytes) -> object:
+        """The id of the command in ``frame`` as its reply would echo it (None when the
+        frame has none or a bad one): :func:`hub.protocol.parse_command`'s own reading, so
+        a refused command's error carries exactly the id a served one would. The frame is
+        at most ``--max-message-bytes``, and the connection refusing it is closed once more
+        than half of a window is refused, so the parse is bounded."""
+        try:
+            return parse_command(frame).id
+        except ProtocolError as exc:
+            return exc.id
 
     def _error(self, exc: ProtocolError) -> bytes:
         self.metrics.errors.labels(exc.code).inc()
