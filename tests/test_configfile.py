@@ -114,7 +114,7 @@ def test_an_unreadable_or_non_utf8_file(tmp_path):
         load(str(tmp_path / "missing.toml"))
     bad = tmp_path / "latin1.toml"
     bad.write_bytes(b'redis_prefix = "caf\xe9"\n')
-    with pytest.raises(ConfigError, match="latin1.toml: not valid TOML"):
+    with pytest.raises(ConfigError, match=r"latin1\.toml: not valid TOML"):
         load(str(bad))
 
 
