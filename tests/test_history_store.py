@@ -308,7 +308,7 @@ async def test_restart_without_persistence_reloads_the_functions(redis_server):
 async def _retry_once(call):
     try:
         return await call()
-    except Exception:  # noqa: BLE001 - a pooled connection that Redis closed fails once
+    except Exception:  # a pooled connection that Redis closed fails once
         return await call()
 
 
