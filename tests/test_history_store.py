@@ -385,3 +385,52 @@ async def test_publish_latency_figures(redis_server):
           f"FCALL hub_publish (size 100) {fcall * 1e6:.0f} us, "
           f"FCALL hub_read (limit 10) {read * 1e6:.0f} us")
     await client.aclose()
+
+
+# --- Redis Cluster -----------------------------------------------------------------------
+
+@pytest.mark.cluster
+async def test_cluster_publish_read_and_spublish(tmp_path):
+    from redis.asyncio.cluster import RedisCluster
+
+    from .test_cluster import Cluster
+
+    nodes = Cluster(tmp_path / "cluster")
+    try:
+        nodes.create()
+        client = RedisCluster(host="127.0.0.1", port=nodes.ports[0], socket_timeout=5)
+        assert await ensure_functions(client) == LIBRARY_VERSION  # on every master
+        for port in nodes.masters():
+            assert nodes.client(port).fcall("hub_version", 0) == LIBRARY_VERSION
+        store = RedisHistory(client)
+        names = [f"chat:c{i}" for i in range(12)]
+        owners = {nodes.owner(name) for name in names}
+        assert len(owners) == 3  # the channels span every master
+        # a sharded-pub/sub subscriber on the owner of chat:c0's history channel
+        owner = nodes.client(nodes.owner(names[0]))
+        pubsub = owner.pubsub()
+        pubsub.ssubscribe(history_channel("hub:" + names[0]))
+        for name in names:
+            for i in range(3):
+                top = await store.publish(name, b"%d" % i, size=2, ttl=60)
+            read = await store.read(name, since=StreamPosition(1, top.epoch), limit=10)
+            assert read.complete and [p.offset for p in read.publications] == [2, 3]
+        got = []
+        deadline = time.monotonic() + 10
+        while len(got) < 3 and time.monotonic() < deadline:
+            message = pubsub.get_sharded_message(timeout=0.2)
+            if message and message["type"] == "smessage":
+                got.append(parse_history_message(message["channel"], message["data"],
+                                                 prefix="hub:"))
+        assert [(p.channel, p.offset, p.payload) for p in got] == [
+            (names[0], 1, b"0"), (names[0], 2, b"1"), (names[0], 3, b"2")]
+        pubsub.close()
+        # the documented backend command through redis-cli -c
+        assert REDIS_CLI
+        out = subprocess.run([REDIS_CLI, "-c", "-p", str(nodes.ports[0]), "FCALL",
+                              "hub_publish", "1", "hub:chat:c5", "x", "100", "600"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+        assert out.split()[0] == "4"
+        await client.aclose()
+    finally:
+        nodes.close()

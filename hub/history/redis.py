@@ -105,6 +105,7 @@ async def ensure_functions(client: AnyRedis, *, code: str = LIBRARY_CODE) -> int
     versions loading at the same instant, which the next call repairs)."""
     version = library_version(code)
     if isinstance(client, RedisCluster):
+        await client.initialize()  # the node map (a no-op once known)
         loaded = []
         for node in client.get_primaries():
             current = await client.execute_command(
@@ -115,7 +116,9 @@ async def ensure_functions(client: AnyRedis, *, code: str = LIBRARY_CODE) -> int
                     "FUNCTION", "LOAD", "REPLACE", code, target_nodes=node)
                 have = version
             loaded.append(have)
-        return min(loaded) if loaded else version
+        if not loaded:
+            raise RuntimeError("the Redis Cluster reports no master")
+        return min(loaded)
     return await _ensure_one(client, code, version)
 
 
