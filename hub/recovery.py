@@ -70,12 +70,12 @@ def merge(since: int, history: Iterable[Publication], top: int,
     run: list[Publication] = []
     offset = since
     while offset < newest:
-        publication = known.get(offset + 1)
-        if publication is None:
+        nxt = known.get(offset + 1)
+        if nxt is None:
             after = sorted(o for o in known if o > offset)
             last = after[0] - 1 if after else newest
             return Merge(run, offset, Hole(offset + 1, last), [known[o] for o in after])
-        run.append(publication)
+        run.append(nxt)
         offset += 1
     return Merge(run, offset)
 
