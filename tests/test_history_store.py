@@ -434,3 +434,38 @@ async def test_cluster_publish_read_and_spublish(tmp_path):
         await client.aclose()
     finally:
         nodes.close()
+
+
+@pytest.mark.cluster
+async def test_cluster_master_restart_reloads_the_functions(tmp_path):
+    from redis.asyncio.cluster import RedisCluster
+
+    from .conftest import wait_until
+    from .test_cluster import Cluster
+
+    nodes = Cluster(tmp_path / "cluster")
+    try:
+        nodes.create()
+        client = RedisCluster(host="127.0.0.1", port=nodes.ports[0], socket_timeout=5)
+        await ensure_functions(client)
+        store = RedisHistory(client)
+        channel = next(f"chat:m{i}" for i in range(100)
+                       if nodes.owner(f"chat:m{i}") != nodes.ports[0])
+        old = await store.publish(channel, b"a", size=10, ttl=60)
+        port = nodes.owner(channel)
+        nodes.restart(port)  # no persistence: its keys and functions are gone
+        wait_until(nodes._settled, 30, what="the cluster to settle")
+        assert await asyncio.to_thread(lambda: nodes.client(port).function_list()) == []
+
+        async def published():
+            try:
+                return await store.publish(channel, b"b", size=10, ttl=60)
+            except (ConnectionError, OSError, aioredis.ConnectionError):
+                return None  # the client's connection to the restarted master
+
+        new = await poll(published, what="a publish after the restart")
+        assert new.offset == 1 and new.epoch != old.epoch
+        assert nodes.client(port).fcall("hub_version", 0) == LIBRARY_VERSION
+        await client.aclose()
+    finally:
+        nodes.close()
