@@ -19,6 +19,7 @@ from hub.history import (
     RedisHistory,
     ensure_functions,
     format_history_message,
+    functions_on_connect,
     history_channel,
     history_keys,
     parse_history_message,
@@ -310,6 +311,23 @@ async def _retry_once(call):
         return await call()
     except Exception:  # a pooled connection that Redis closed fails once
         return await call()
+
+
+async def test_every_new_connection_loads_the_library(redis_server):
+    client = aioredis.Redis(host="127.0.0.1", port=redis_server.port, socket_timeout=5,
+                            redis_connect_func=functions_on_connect)
+    assert await client.ping()
+    assert await loaded_version(client) == LIBRARY_VERSION  # the first connection loaded it
+    redis_server.restart()
+    await _retry_once(client.ping)  # a new connection: the library is back before any FCALL
+    plain = aclient(redis_server)
+    assert await plain.function_list(library="hub")
+    await client.function_load(with_version(LIBRARY_CODE, LIBRARY_VERSION + 1), replace=True)
+    await client.connection_pool.disconnect()
+    assert await client.ping()  # a newer library is left alone on connect too
+    assert await loaded_version(plain) == LIBRARY_VERSION + 1
+    await plain.aclose()
+    await client.aclose()
 
 
 async def test_version_rule(redis_server):

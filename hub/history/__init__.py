@@ -27,7 +27,7 @@ from .base import (
 
 if TYPE_CHECKING:
     from .memory import MemoryHistory
-    from .redis import RedisHistory, ensure_functions
+    from .redis import RedisHistory, ensure_functions, functions_on_connect
 
 __all__ = [
     "IDEMPOTENCY_TTL",
@@ -38,12 +38,14 @@ __all__ = [
     "RedisHistory",
     "ensure_functions",
     "format_history_message",
+    "functions_on_connect",
     "history_channel",
     "history_keys",
     "parse_history_message",
 ]
 
-_LAZY = {"MemoryHistory": "memory", "RedisHistory": "redis", "ensure_functions": "redis"}
+_LAZY = {"MemoryHistory": "memory", "RedisHistory": "redis", "ensure_functions": "redis",
+         "functions_on_connect": "redis"}
 
 
 def __getattr__(name: str) -> Any:

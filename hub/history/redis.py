@@ -22,6 +22,7 @@ import asyncio
 import re
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
 
@@ -35,7 +36,8 @@ from ..brokers.base import Publication, StreamPosition
 from .base import META_TTL, History, HistoryRead
 
 __all__ = ["LIBRARY_CODE", "LIBRARY_NAME", "LIBRARY_VERSION", "RedisHistory",
-           "ensure_functions", "library_version", "loaded_version"]
+           "ensure_functions", "functions_on_connect", "library_version",
+           "loaded_version"]
 
 #: The Lua text of the library (``hub/history/functions.lua``).
 LIBRARY_CODE: str = resources.files(__package__).joinpath("functions.lua").read_text("utf-8")
@@ -66,35 +68,56 @@ def _not_found(exc: ResponseError) -> bool:
     return _NOT_FOUND in str(exc).lower()
 
 
+Execute = Callable[..., Awaitable[Any]]
+
+
 async def loaded_version(client: AnyRedis) -> int | None:
     """The version of the ``hub`` library loaded in ``client``'s Redis; None when absent (0: a
     ``hub`` library without ``hub_version``)."""
+    return await _loaded_version(client.execute_command)
+
+
+async def _loaded_version(execute: Execute) -> int | None:
     try:
-        return int(await client.fcall("hub_version", 0))
+        return int(await execute("FCALL", "hub_version", 0))
     except ResponseError as exc:
         if not _not_found(exc):
             raise
-    libraries = await client.function_list(library=LIBRARY_NAME)
-    return 0 if libraries else None
+    listing = await execute("FUNCTION", "LIST", "LIBRARYNAME", LIBRARY_NAME)
+    return 0 if listing else None
 
 
-async def _ensure_one(client: aioredis.Redis, code: str, version: int) -> int:
+async def _ensure_one(execute: Execute, code: str, version: int) -> int:
     token = secrets.token_hex(8)
     deadline = time.monotonic() + _LOCK_MS / 1000
     locked = False
     while not locked and time.monotonic() < deadline:
-        locked = bool(await client.set(_LOCK_KEY, token, nx=True, px=_LOCK_MS))
+        locked = bool(await execute("SET", _LOCK_KEY, token, "NX", "PX", _LOCK_MS))
         if not locked:
             await asyncio.sleep(0.02)
     try:
-        current = await loaded_version(client)
+        current = await _loaded_version(execute)
         if current is not None and current >= version:
             return current
-        await client.function_load(code, replace=True)
+        await execute("FUNCTION", "LOAD", "REPLACE", code)
         return version
     finally:
         if locked:
-            await client.eval(_RELEASE, 1, _LOCK_KEY, token)
+            await execute("EVAL", _RELEASE, 1, _LOCK_KEY, token)
+
+
+async def functions_on_connect(connection: aioredis.connection.AbstractConnection) -> None:
+    """A ``redis_connect_func`` for ``redis.asyncio.Redis(..., redis_connect_func=...)``: the
+    connection's usual handshake, then :func:`ensure_functions` on it, so that every new
+    connection (after a Redis restart too) finds the library loaded. Costs a round trip or
+    two per new connection."""
+    await connection.on_connect()
+
+    async def execute(*args: Any) -> Any:
+        await connection.send_command(*args)
+        return await connection.read_response()
+
+    await _ensure_one(execute, LIBRARY_CODE, LIBRARY_VERSION)
 
 
 async def ensure_functions(client: AnyRedis, *, code: str = LIBRARY_CODE) -> int:
@@ -119,7 +142,7 @@ async def ensure_functions(client: AnyRedis, *, code: str = LIBRARY_CODE) -> int
         if not loaded:
             raise RuntimeError("the Redis Cluster reports no master")
         return min(loaded)
-    return await _ensure_one(client, code, version)
+    return await _ensure_one(client.execute_command, code, version)
 
 
 def _version_in_listing(listing: Any) -> int | None:
