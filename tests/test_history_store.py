@@ -11,6 +11,8 @@ import time
 
 import pytest
 import redis.asyncio as aioredis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from hub.brokers.base import Publication, StreamPosition
 from hub.history import (
@@ -487,3 +489,64 @@ async def test_cluster_master_restart_reloads_the_functions(tmp_path):
         await client.aclose()
     finally:
         nodes.close()
+
+
+# --- the two stores agree ----------------------------------------------------------------
+
+_ops = st.lists(st.one_of(
+    st.tuples(st.just("publish"), st.sampled_from(["a", "b"]), st.integers(1, 4),
+              st.sampled_from([None, "k1", "k2"])),
+    st.tuples(st.just("read"), st.sampled_from(["a", "b"]), st.integers(-1, 12),
+              st.integers(0, 5)),
+    st.tuples(st.just("position"), st.sampled_from(["a", "b"]), st.just(0), st.just(0)),
+), max_size=30)
+
+
+@given(ops=_ops)
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_memory_and_redis_agree(redis_server, ops):
+    """Random operation sequences give the same offsets, payloads and flags on both stores
+    (epochs compared by identity per store)."""
+
+    async def run(store: History, reset) -> list:
+        await reset()
+        out, epochs = [], {}
+
+        def ep(e):
+            return epochs.setdefault(e, len(epochs))
+
+        for i, (op, name, x, y) in enumerate(ops):
+            channel = "chat:" + name
+            if op == "publish":
+                p = await store.publish(channel, b"%d" % i, size=x, ttl=600, idempotency_key=y)
+                out.append(("p", p.offset, ep(p.epoch)))
+            elif op == "position":
+                p = await store.position(channel, ttl=600)
+                out.append(("pos", p.offset, ep(p.epoch)))
+            else:
+                top = await store.position(channel, ttl=600)
+                since = None if x < 0 else StreamPosition(x, top.epoch)
+                r = await store.read(channel, since=since, limit=y, ttl=600)
+                out.append(("r", r.position.offset, ep(r.position.epoch), r.complete,
+                            [(p.offset, p.payload, ep(p.epoch)) for p in r.publications]))
+        return out
+
+    async def both():
+        memory = MemoryHistory()
+
+        async def clear_memory():
+            memory.clear()
+
+        client = aclient(redis_server)
+        await ensure_functions(client)
+
+        async def flush():
+            await client.flushall()
+
+        try:
+            assert await run(memory, clear_memory) == await run(RedisHistory(client), flush)
+        finally:
+            await client.aclose()
+
+    asyncio.run(both())
