@@ -254,6 +254,11 @@ async def test_redis_cli_fcall_form(redis_server):
     assert offset == "1" and epoch
     out2 = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=True).stdout
     assert out2.split() == ["2", epoch]
+    for bad, error in [(cmd[:-2], "hub: size must be a number"),
+                       ([*cmd[:-2], "0", "600"], "hub: size must be at least 1"),
+                       ([*cmd[:6], "hub:{x}", *cmd[7:]], "must not contain")]:
+        done = subprocess.run(bad, capture_output=True, text=True, timeout=10, check=False)
+        assert error in done.stdout + done.stderr
     store = RedisHistory(client)
     read = await store.read("chat:room1", since=StreamPosition(0, epoch), limit=10)
     assert read.complete and [p.payload for p in read.publications] == [b'{"text":"hi"}'] * 2

@@ -32,7 +32,7 @@ local function base_of(key)
 end
 
 local function number_arg(value, name)
-  local n = tonumber(value)
+  local n = value ~= nil and tonumber(value) or nil
   if n == nil then
     return nil, redis.error_reply('ERR hub: ' .. name .. ' must be a number')
   end
