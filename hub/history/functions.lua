@@ -1,0 +1,205 @@
+#!lua name=hub
+-- The hub's Redis Function library: channel history (docs/history-format.md is the contract).
+--
+-- Every function takes ONE declared key K = <prefix><channel> (no braces in it) and touches
+-- only keys that hash to K's slot ({K} is the hash tag):
+--   {K}:m           hash: o = last offset, e = epoch; lives meta_ttl after the last write
+--   {K}:s           stream: entry ID <offset>-0, field d = payload; exact MAXLEN <size>;
+--                   expires <ttl> after the last publish
+--   {K}:i:<key>     string "<offset>:<epoch>": an idempotency key, 300 s
+-- and publishes "<offset>:<epoch>:<payload>" on the pub/sub channel {K}:h (SPUBLISH when the
+-- server runs in cluster mode, else PUBLISH).
+
+local VERSION = 1
+local DEFAULT_META_TTL = 30 * 24 * 3600  -- seconds
+local IDEMPOTENCY_TTL = 300              -- seconds
+
+local cluster_mode = nil  -- cached: cluster-enabled cannot change while the server runs
+
+local function is_cluster()
+  if cluster_mode == nil then
+    local info = redis.call('INFO', 'cluster')
+    cluster_mode = string.match(info, 'cluster_enabled:(%d)') == '1'
+  end
+  return cluster_mode
+end
+
+local function base_of(key)
+  if string.find(key, '[{}]') then
+    return redis.error_reply('ERR hub: the key must not contain { or }')
+  end
+  return '{' .. key .. '}'
+end
+
+local function number_arg(value, name)
+  local n = value ~= nil and tonumber(value) or nil
+  if n == nil then
+    return nil, redis.error_reply('ERR hub: ' .. name .. ' must be a number')
+  end
+  return n
+end
+
+local function fmt(n)
+  return string.format('%d', n)
+end
+
+local function ms(seconds)
+  return math.max(1, math.floor(seconds * 1000 + 0.5))
+end
+
+local function new_epoch()
+  local t = redis.call('TIME')
+  return string.format('%x%06x%06x', tonumber(t[1]), tonumber(t[2]),
+                       math.floor(math.random() * 16777216))
+end
+
+-- The metadata of the channel, created (new epoch, offset 0, stream dropped) when absent.
+-- Returns offset, epoch. Refreshes the metadata's expiry to meta_ms.
+local function meta(base, meta_ms)
+  local mkey = base .. ':m'
+  local got = redis.call('HMGET', mkey, 'o', 'e')
+  local offset, epoch = tonumber(got[1]), got[2]
+  if offset == nil or not epoch then
+    epoch = new_epoch()
+    offset = 0
+    redis.call('DEL', base .. ':s')
+    redis.call('HSET', mkey, 'o', 0, 'e', epoch)
+  end
+  redis.call('PEXPIRE', mkey, meta_ms)
+  return offset, epoch
+end
+
+local function meta_ms_of(value, ttl)
+  local meta_ttl = DEFAULT_META_TTL
+  if value ~= nil and value ~= '' then
+    local n, err = number_arg(value, 'meta_ttl')
+    if err then return nil, err end
+    meta_ttl = n
+  end
+  return ms(math.max(meta_ttl, ttl))
+end
+
+-- FCALL hub_publish 1 K <payload> <size> <ttl> [<idempotency_key> [<meta_ttl>]]
+-- -> {offset, epoch}
+local function hub_publish(keys, args)
+  local base = base_of(keys[1])
+  if type(base) == 'table' then return base end
+  local payload = args[1]
+  if payload == nil then return redis.error_reply('ERR hub: payload missing') end
+  local size, err = number_arg(args[2], 'size')
+  if err then return err end
+  local ttl
+  ttl, err = number_arg(args[3], 'ttl')
+  if err then return err end
+  size = math.floor(size)
+  if size < 1 then return redis.error_reply('ERR hub: size must be at least 1') end
+  local meta_ms
+  meta_ms, err = meta_ms_of(args[5], ttl)
+  if err then return err end
+  local idem = args[4]
+  local ikey = nil
+  if idem ~= nil and idem ~= '' then
+    ikey = base .. ':i:' .. idem
+    local seen = redis.call('GET', ikey)
+    if seen then
+      local o, e = string.match(seen, '^(%d+):(.+)$')
+      return {tonumber(o), e}
+    end
+  end
+  local _, epoch = meta(base, meta_ms)
+  local offset = redis.call('HINCRBY', base .. ':m', 'o', 1)
+  local skey = base .. ':s'
+  redis.call('XADD', skey, 'MAXLEN', size, fmt(offset) .. '-0', 'd', payload)
+  if ttl > 0 then
+    redis.call('PEXPIRE', skey, ms(ttl))
+  else
+    redis.call('PERSIST', skey)
+  end
+  if ikey then
+    redis.call('SET', ikey, fmt(offset) .. ':' .. epoch, 'EX', IDEMPOTENCY_TTL)
+  end
+  local message = fmt(offset) .. ':' .. epoch .. ':' .. payload
+  if is_cluster() then
+    redis.call('SPUBLISH', base .. ':h', message)
+  else
+    redis.call('PUBLISH', base .. ':h', message)
+  end
+  return {offset, epoch}
+end
+
+-- FCALL hub_position 1 K <ttl> [<meta_ttl>] -> {offset, epoch} (creates the epoch)
+local function hub_position(keys, args)
+  local base = base_of(keys[1])
+  if type(base) == 'table' then return base end
+  local ttl, err = number_arg(args[1] or '0', 'ttl')
+  if err then return err end
+  local meta_ms
+  meta_ms, err = meta_ms_of(args[2], ttl)
+  if err then return err end
+  local offset, epoch = meta(base, meta_ms)
+  return {offset, epoch}
+end
+
+local function flatten(entries, out)
+  for _, entry in ipairs(entries) do
+    local id, fields = entry[1], entry[2]
+    local payload = ''
+    for i = 1, #fields, 2 do
+      if fields[i] == 'd' then payload = fields[i + 1] end
+    end
+    out[#out + 1] = tonumber(string.match(id, '^(%d+)-'))
+    out[#out + 1] = payload
+  end
+end
+
+-- FCALL hub_read 1 K <since_offset> <since_epoch> <limit> <ttl> [<meta_ttl>]
+--   since_offset '' (or since_epoch ''): no since
+-- -> {offset, epoch, complete 0|1, offset1, payload1, offset2, payload2, ...} oldest first
+local function hub_read(keys, args)
+  local base = base_of(keys[1])
+  if type(base) == 'table' then return base end
+  local limit, err = number_arg(args[3], 'limit')
+  if err then return err end
+  limit = math.floor(limit)
+  if limit < 0 then return redis.error_reply('ERR hub: limit must be at least 0') end
+  local ttl
+  ttl, err = number_arg(args[4] or '0', 'ttl')
+  if err then return err end
+  local meta_ms
+  meta_ms, err = meta_ms_of(args[5], ttl)
+  if err then return err end
+  local top, epoch = meta(base, meta_ms)
+  local skey = base .. ':s'
+  local since = nil
+  if args[1] ~= nil and args[1] ~= '' and args[2] ~= nil and args[2] ~= '' then
+    since = tonumber(args[1])
+    if since == nil or since < 0 then
+      return redis.error_reply('ERR hub: since_offset must be an offset')
+    end
+    since = math.floor(since)
+  end
+  local out = {top, epoch, 0}
+  if since ~= nil and args[2] == epoch and since <= top then
+    if since == top then
+      out[3] = 1
+      return out
+    end
+    local entries = redis.call('XRANGE', skey, fmt(since + 1) .. '-0', '+', 'COUNT',
+                               math.max(limit, 1))
+    if #entries > 0 and entries[1][1] == fmt(since + 1) .. '-0' then out[3] = 1 end
+    if limit > 0 then flatten(entries, out) end
+    return out
+  end
+  if limit > 0 then
+    local entries = redis.call('XREVRANGE', skey, '+', '-', 'COUNT', limit)
+    local ordered = {}
+    for i = #entries, 1, -1 do ordered[#ordered + 1] = entries[i] end
+    flatten(ordered, out)
+  end
+  return out
+end
+
+redis.register_function('hub_version', function() return VERSION end)
+redis.register_function('hub_publish', hub_publish)
+redis.register_function('hub_position', hub_position)
+redis.register_function('hub_read', hub_read)
