@@ -14,17 +14,28 @@ import logging
 from collections.abc import Iterable
 from typing import Any, Protocol
 
+from websockets import http11
 from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
-__all__ = ["ConnectionOwner", "HubConnection", "close_or_abort", "fan_out", "send_text"]
+__all__ = ["ConnectionOwner", "HubConnection", "close_or_abort", "fan_out", "limit_requests",
+           "send_text"]
 
 logger = logging.getLogger("hub.connection")
 
 
 class ConnectionOwner(Protocol):
     """What a :class:`HubConnection` reports to (the hub process, :class:`hub.server.Hub`)."""
+
+    def accepted(self, conn: HubConnection) -> bool:
+        """A TCP connection was just accepted and its opening handshake starts: False to
+        abort it at once (too many handshakes in progress)."""
+
+    def handshake_over(self, conn: HubConnection, timed_out: bool) -> None:
+        """``conn``'s opening handshake ended: answered (101 or a refusal), failed, or
+        ``timed_out`` (the opening timeout passed). Called once per accepted connection,
+        before :meth:`forget`."""
 
     def forget(self, conn: HubConnection) -> None:
         """The TCP connection of ``conn`` is gone."""
@@ -41,7 +52,8 @@ class HubConnection(ServerConnection):
     private channel patterns of its token; ``pending`` is True from a handshake without a
     token (with ``--jwt-secret``) until its ``connect`` is accepted; ``remote`` is the client
     address for log lines (``--trusted-proxy``); ``dropping`` is True once the hub decided to
-    close it; ``counted`` while it counts against ``--max-connections``; ``expiry`` the timer
+    close it; ``counted`` while it counts against ``--max-connections``; ``handshaking`` from
+    the TCP accept to the end of the opening handshake; ``expiry`` the timer
     of its token's ``exp``. ``tokens``, ``refilled`` and ``strikes`` are the rate limiter's
     state (:mod:`hub.session`).
 
@@ -52,8 +64,8 @@ class HubConnection(ServerConnection):
 
     # Slots, not __dict__ entries: eight more keys made every connection's instance dict
     # resize (the figure is in docs/benchmarks.md, "Where the time goes").
-    __slots__ = ("counted", "dropping", "expiry", "pending", "private", "refilled", "remote",
-                 "strikes", "tokens", "user")
+    __slots__ = ("counted", "dropping", "expiry", "handshaking", "pending", "private",
+                 "refilled", "remote", "strikes", "tokens", "user")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -67,9 +79,37 @@ class HubConnection(ServerConnection):
         self.refilled = 0.0
         self.strikes = 0
         self.expiry: asyncio.TimerHandle | None = None
+        self.handshaking = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """The TCP accept: the handshake counts as in progress from here, unless the owner
+        refuses it, and then the transport is aborted at once (RST, no byte read)."""
+        super().connection_made(transport)  # starts websockets' handler task
+        if self.owner.accepted(self):
+            self.handshaking = True
+        else:
+            self.transport.abort()
+
+    async def handshake(self, *args: Any, **kwargs: Any) -> None:
+        """websockets' opening handshake, reporting its end to the owner whatever the
+        outcome (the opening timeout cancels this coroutine)."""
+        timed_out = False
+        try:
+            await super().handshake(*args, **kwargs)
+        except asyncio.CancelledError:
+            timed_out = True
+            raise
+        finally:
+            self._handshake_over(timed_out)
+
+    def _handshake_over(self, timed_out: bool) -> None:
+        if self.handshaking:
+            self.handshaking = False
+            self.owner.handshake_over(self, timed_out)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        self._handshake_over(False)  # a handshake task that never ran
         self.owner.forget(self)
 
     def pause_writing(self) -> None:
@@ -108,6 +148,20 @@ class HubConnection(ServerConnection):
         """True while the WebSocket is OPEN (RFC 6455 section 4: handshake done, no close
         frame sent or received)."""
         return self.protocol.state is State.OPEN
+
+
+def limit_requests(max_headers: int, max_line_bytes: int) -> None:
+    """Bound the HTTP requests this process parses: at most ``max_headers`` header lines,
+    none (nor the request line) longer than ``max_line_bytes`` bytes. Past either,
+    websockets closes the connection without a response.
+
+    websockets reads these bounds from the globals ``MAX_NUM_HEADERS`` and
+    ``MAX_LINE_LENGTH`` of ``websockets.http11`` each time it parses a request (their
+    defaults, 128 and 8192, come from the variables ``WEBSOCKETS_MAX_NUM_HEADERS`` and
+    ``WEBSOCKETS_MAX_LINE_LENGTH`` read at import); this sets them for the whole process.
+    """
+    http11.MAX_NUM_HEADERS = max_headers
+    http11.MAX_LINE_LENGTH = max_line_bytes
 
 
 def fan_out(conns: Iterable[HubConnection], text: bytes) -> None:

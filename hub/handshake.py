@@ -7,6 +7,10 @@ bad ``?user=`` in development mode), 401 for a bad token, 403 for an Origin that
 channel cannot be subscribed. An accepted handshake either carries an identity (a token in
 ``Authorization`` or ``?token=``, or ``?user=`` without ``--jwt-secret``) or none, and then
 waits for an in-band ``connect`` (:mod:`hub.session`). docs/protocol.md section 2.
+
+Before any of that, a TCP connection counts as a handshake in progress from its accept to the
+end of its opening handshake; past ``--max-pending-handshakes`` of them a new connection is
+aborted at accept, before a byte of it is read (:meth:`Handshake.admit`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from .channels import personal_channel
 from .connection import HubConnection
 from .exceptions import AuthError, BrokerUnavailable
 from .forwarded import client_address, parse_networks
+from .metrics import Metrics
 from .node import Node
 from .session import Sessions
 
@@ -37,12 +42,15 @@ class Handshake:
     ``allowed_origin`` are the accepted ``Origin`` values (empty: any); ``trusted_proxy`` the
     addresses or networks whose ``X-Forwarded-For`` names the client in log lines;
     ``jwt_secret`` None means authentication is off. ``max_connections`` bounds
-    :attr:`open_connections`, counted from an accepted handshake to ``connection_lost``.
+    :attr:`open_connections`, counted from an accepted handshake to ``connection_lost``;
+    ``max_pending_handshakes`` bounds :attr:`in_progress`, the TCP connections accepted whose
+    opening handshake has not ended. ``metrics`` gets the handshakes aborted.
     """
 
-    def __init__(self, node: Node, sessions: Sessions, *, allowed_origin: Sequence[str],
-                 trusted_proxy: Sequence[str], jwt_secret: str | None,
-                 max_connections: int) -> None:
+    def __init__(self, node: Node, sessions: Sessions, metrics: Metrics, *,
+                 allowed_origin: Sequence[str], trusted_proxy: Sequence[str],
+                 jwt_secret: str | None, max_connections: int,
+                 max_pending_handshakes: int) -> None:
         self.node = node
         self.sessions = sessions
         self.origins = frozenset(allowed_origin)
@@ -50,8 +58,28 @@ class Handshake:
         self.jwt_secret = jwt_secret
         self.max_connections = max_connections
         self.open_connections = 0
+        self.metrics = metrics
+        self.max_pending_handshakes = max_pending_handshakes
+        self.in_progress = 0
         #: Set by the server when it starts stopping: new handshakes get 503.
         self.stopping = False
+
+    def admit(self, conn: HubConnection) -> bool:
+        """A TCP connection was accepted: True, and it counts in :attr:`in_progress` until
+        :meth:`settled`; False (counted in ``hub_handshakes_aborted_total{reason="too_many"}``,
+        no log line: a flood must not become a log flood) past ``max_pending_handshakes``."""
+        if self.in_progress >= self.max_pending_handshakes:
+            self.metrics.handshakes_aborted.labels("too_many").inc()
+            return False
+        self.in_progress += 1
+        return True
+
+    def settled(self, conn: HubConnection, timed_out: bool) -> None:
+        """``conn``'s opening handshake ended (``timed_out``: ``--handshake-timeout``
+        passed, counted in ``hub_handshakes_aborted_total{reason="timeout"}``)."""
+        self.in_progress -= 1
+        if timed_out:
+            self.metrics.handshakes_aborted.labels("timeout").inc()
 
     def request(self, conn: HubConnection, request: Request) -> Response | None:
         """Decide the handshake of ``request`` (path ``/ws`` or any other but the probes):
