@@ -115,7 +115,7 @@ OPTIONS: tuple[Option, ...] = (
     # Limits
     Option("max_connections", int, "connections per process; past it the handshake gets 503"),
     Option("max_pending_handshakes", int, "TCP connections per process whose opening "
-           "handshake has not finished; past it a new one is aborted at accept"),
+           "handshake has not finished; one more aborts the oldest of them"),
     Option("handshake_timeout", float, "seconds from the TCP accept to the end of the opening "
            "handshake (TLS included); then the connection is aborted"),
     Option("max_request_headers", int, "header lines in a handshake request; more: the "

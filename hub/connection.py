@@ -28,14 +28,13 @@ logger = logging.getLogger("hub.connection")
 class ConnectionOwner(Protocol):
     """What a :class:`HubConnection` reports to (the hub process, :class:`hub.server.Hub`)."""
 
-    def accepted(self, conn: HubConnection) -> bool:
-        """A TCP connection was just accepted and its opening handshake starts: False to
-        abort it at once (too many handshakes in progress)."""
+    def accepted(self, conn: HubConnection) -> None:
+        """A TCP connection was just accepted: its opening handshake starts."""
 
-    def handshake_over(self, conn: HubConnection, timed_out: bool) -> None:
-        """``conn``'s opening handshake ended: answered (101 or a refusal), failed, or
-        ``timed_out`` (the opening timeout passed). Called once per accepted connection,
-        before :meth:`forget`."""
+    def handshake_over(self, conn: HubConnection, reason: str | None) -> None:
+        """``conn``'s opening handshake ended, at most once per connection: answered (101
+        or a refusal) or given up (``reason`` None), ``"timeout"`` (the opening timeout
+        passed) or ``"malformed"`` (an unparsable request)."""
 
     def forget(self, conn: HubConnection) -> None:
         """The TCP connection of ``conn`` is gone."""
@@ -82,34 +81,46 @@ class HubConnection(ServerConnection):
         self.handshaking = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """The TCP accept: the handshake counts as in progress from here, unless the owner
-        refuses it, and then the transport is aborted at once (RST, no byte read)."""
+        """The TCP accept: the handshake counts as in progress from here
+        (:meth:`ConnectionOwner.accepted`)."""
         super().connection_made(transport)  # starts websockets' handler task
-        if self.owner.accepted(self):
-            self.handshaking = True
-        else:
-            self.transport.abort()
+        self.handshaking = True
+        self.owner.accepted(self)
+
+    def data_received(self, data: bytes) -> None:
+        """Bytes from the peer. When they made the handshake request unparsable (past the
+        header limits, or not HTTP), websockets has queued its 414/431 answer (or nothing)
+        but would buffer whatever follows until the opening timeout: stop reading at once
+        and close once that answer is written."""
+        super().data_received(data)
+        if self.request is None and self.protocol.handshake_exc is not None:
+            self._handshake_over("malformed")
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Drop the TCP connection now (RST), unsent bytes included."""
+        self.transport.abort()
 
     async def handshake(self, *args: Any, **kwargs: Any) -> None:
         """websockets' opening handshake, reporting its end to the owner whatever the
         outcome (the opening timeout cancels this coroutine)."""
-        timed_out = False
+        reason = None
         try:
             await super().handshake(*args, **kwargs)
         except asyncio.CancelledError:
-            timed_out = True
+            reason = "timeout"
             raise
         finally:
-            self._handshake_over(timed_out)
+            self._handshake_over(reason)
 
-    def _handshake_over(self, timed_out: bool) -> None:
+    def _handshake_over(self, reason: str | None) -> None:
         if self.handshaking:
             self.handshaking = False
-            self.owner.handshake_over(self, timed_out)
+            self.owner.handshake_over(self, reason)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
-        self._handshake_over(False)  # a handshake task that never ran
+        self._handshake_over(None)  # a handshake task that never ran
         self.owner.forget(self)
 
     def pause_writing(self) -> None:

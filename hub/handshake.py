@@ -9,8 +9,11 @@ channel cannot be subscribed. An accepted handshake either carries an identity (
 waits for an in-band ``connect`` (:mod:`hub.session`). docs/protocol.md section 2.
 
 Before any of that, a TCP connection counts as a handshake in progress from its accept to the
-end of its opening handshake; past ``--max-pending-handshakes`` of them a new connection is
-aborted at accept, before a byte of it is read (:meth:`Handshake.admit`).
+end of its opening handshake. At most ``--max-pending-handshakes`` are: when one more is
+accepted, the oldest is aborted (:meth:`Handshake.admit`). Evicting the oldest rather than
+refusing the newest means that sockets held open without finishing their request cannot
+lock legitimate clients out: a real handshake takes one round trip, a flood would have to
+open ``--max-pending-handshakes`` connections within it.
 """
 
 from __future__ import annotations
@@ -60,26 +63,34 @@ class Handshake:
         self.open_connections = 0
         self.metrics = metrics
         self.max_pending_handshakes = max_pending_handshakes
-        self.in_progress = 0
+        # Insertion-ordered: the first key is the oldest handshake in progress.
+        self._pending: dict[HubConnection, None] = {}
         #: Set by the server when it starts stopping: new handshakes get 503.
         self.stopping = False
 
-    def admit(self, conn: HubConnection) -> bool:
-        """A TCP connection was accepted: True, and it counts in :attr:`in_progress` until
-        :meth:`settled`; False (counted in ``hub_handshakes_aborted_total{reason="too_many"}``,
-        no log line: a flood must not become a log flood) past ``max_pending_handshakes``."""
-        if self.in_progress >= self.max_pending_handshakes:
-            self.metrics.handshakes_aborted.labels("too_many").inc()
-            return False
-        self.in_progress += 1
-        return True
+    def admit(self, conn: HubConnection) -> None:
+        """A TCP connection was accepted: it counts in :attr:`in_progress` until
+        :meth:`settled`. Past ``max_pending_handshakes``, the oldest handshake in progress is
+        aborted (``hub_handshakes_aborted_total{reason="evicted"}``; no log line, so that a
+        flood does not become a log flood)."""
+        if len(self._pending) >= self.max_pending_handshakes:
+            oldest = next(iter(self._pending))
+            del self._pending[oldest]
+            self.metrics.handshakes_aborted.labels("evicted").inc()
+            oldest.abort()
+        self._pending[conn] = None
 
-    def settled(self, conn: HubConnection, timed_out: bool) -> None:
-        """``conn``'s opening handshake ended (``timed_out``: ``--handshake-timeout``
-        passed, counted in ``hub_handshakes_aborted_total{reason="timeout"}``)."""
-        self.in_progress -= 1
-        if timed_out:
-            self.metrics.handshakes_aborted.labels("timeout").inc()
+    def settled(self, conn: HubConnection, reason: str | None) -> None:
+        """``conn``'s opening handshake ended; ``reason`` ``"timeout"``
+        (``--handshake-timeout`` passed) and ``"malformed"`` (past the request limits, or
+        not HTTP) are counted in ``hub_handshakes_aborted_total{reason}``. Idempotent."""
+        if self._pending.pop(conn, 0) is None and reason is not None:
+            self.metrics.handshakes_aborted.labels(reason).inc()
+
+    @property
+    def in_progress(self) -> int:
+        """TCP connections accepted whose opening handshake has not ended."""
+        return len(self._pending)
 
     def request(self, conn: HubConnection, request: Request) -> Response | None:
         """Decide the handshake of ``request`` (path ``/ws`` or any other but the probes):

@@ -44,9 +44,10 @@ class Metrics:
             "hub_handshakes_in_progress", "TCP connections accepted whose opening handshake "
             "has not ended", registry=r)
         self.handshakes_aborted = Counter(
-            "hub_handshakes_aborted", "Connections aborted before the end of their opening "
-            "handshake: too_many (past --max-pending-handshakes, at accept) or timeout "
-            "(--handshake-timeout)", ["reason"], registry=r)
+            "hub_handshakes_aborted", "Connections given up before the end of their "
+            "opening handshake: evicted (the oldest, past --max-pending-handshakes), timeout "
+            "(--handshake-timeout), malformed (past the request header limits, or not HTTP)",
+            ["reason"], registry=r)
         self.accept_errors = Counter(
             "hub_accept_errors", "accept() calls of a listening socket that failed (EMFILE: "
             "out of file descriptors, ENFILE, ENOBUFS, ENOMEM)", registry=r)

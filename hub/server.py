@@ -251,13 +251,11 @@ class Hub:
 
     # -- ConnectionOwner -------------------------------------------------------------------
 
-    def accepted(self, conn: HubConnection) -> bool:
-        """A TCP connection was accepted: False to abort it (past
-        ``--max-pending-handshakes``)."""
-        return self.handshake.admit(conn)
+    def accepted(self, conn: HubConnection) -> None:
+        self.handshake.admit(conn)
 
-    def handshake_over(self, conn: HubConnection, timed_out: bool) -> None:
-        self.handshake.settled(conn, timed_out)
+    def handshake_over(self, conn: HubConnection, reason: str | None) -> None:
+        self.handshake.settled(conn, reason)
 
     def forget(self, conn: HubConnection) -> None:
         """Called once the TCP connection is gone, whatever happened before."""
