@@ -121,6 +121,20 @@ class HubConnection(ServerConnection):
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self._handshake_over(None)  # a handshake task that never ran
+        # The connection object sits in reference cycles (its handler task, futures) that
+        # only the cyclic garbage collector frees, maybe much later: let go now of what can
+        # be big. A request cut short holds up to its header limits in the bytes read but
+        # not parsed and in the headers parsed so far, which the parser's frames keep, and
+        # the traceback of the handshake error (EOF in the middle of the request) keeps
+        # those frames.
+        self.protocol.reader.buffer.clear()
+        self.drop_handshake()
+        error: BaseException | None = self.protocol.handshake_exc
+        for _ in range(8):  # the chain's length is small; a cycle must not loop forever
+            if error is None:
+                break
+            error.__traceback__ = None
+            error = error.__cause__ or error.__context__
         self.owner.forget(self)
 
     def pause_writing(self) -> None:
