@@ -9,6 +9,7 @@ measurements, not on an unknown flag) against the code before these options exis
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import resource
@@ -53,10 +54,8 @@ async def open_slow(port: int, count: int, payload: bytes) -> list[asyncio.Strea
         writer.write(payload)
         writers.append(writer)
     for writer in writers:  # let the bytes reach the hub (or fail) without waiting forever
-        try:
+        with contextlib.suppress(OSError, TimeoutError):
             await asyncio.wait_for(writer.drain(), 2)
-        except (OSError, TimeoutError):
-            pass
     return writers
 
 
@@ -169,7 +168,8 @@ async def test_handshake_timeout_aborts_a_silent_socket(hub_factory):
                    what="the timed-out handshake counted")
     finally:
         writer.transport.abort()
-    assert 'hub_handshakes_aborted_total{reason="timeout"} 1.0' in hub.http_get("/metrics")[1].decode()
+    metrics = hub.http_get("/metrics")[1].decode()
+    assert 'hub_handshakes_aborted_total{reason="timeout"} 1.0' in metrics
 
 
 # -- 2. slowloris at the file-descriptor limit ---------------------------------------------
@@ -282,3 +282,32 @@ async def test_metrics_port_is_shared_by_workers(hub_factory, redis_server):
     print(f"\nhub_connections seen on the shared --metrics-port: {sorted(seen)}")
     assert seen == {0.0, 1.0}
     assert http_status(hub.port, "/metrics") == 404
+
+
+async def test_accept_errors_are_counted_and_logged_rate_limited(caplog):
+    """asyncio's per-failure report ("socket.accept() out of system resource", one ERROR with
+    a traceback each) goes through the hub's loop handler: counted, one line per interval."""
+    import errno
+
+    from hub.metrics import Metrics
+    from hub.oslimits import AcceptErrors
+
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+    metrics = Metrics()
+    AcceptErrors(metrics.accept_errors, interval=60).install(loop)
+    try:
+        with caplog.at_level("DEBUG"):
+            for _ in range(1000):
+                loop.call_exception_handler({
+                    "message": "socket.accept() out of system resource",
+                    "exception": OSError(errno.EMFILE, "Too many open files")})
+            loop.call_exception_handler({"message": "something else"})
+    finally:
+        loop.set_exception_handler(previous)
+    accept_lines = [r for r in caplog.records if "accept() failed" in r.getMessage()]
+    print(f"\n1000 failed accepts: {len(accept_lines)} log line(s), counter "
+          f"{metric(metrics.render().decode(), 'hub_accept_errors_total')}")
+    assert len(accept_lines) == 1
+    assert metric(metrics.render().decode(), "hub_accept_errors_total") == 1000
+    assert any(r.getMessage() == "something else" for r in caplog.records)  # passed on
