@@ -116,8 +116,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_connections", int, "connections per process; past it the handshake gets 503"),
     Option("max_pending_handshakes", int, "TCP connections per process whose opening "
            "handshake has not finished; one more aborts the oldest of them"),
-    Option("handshake_timeout", float, "seconds from the TCP accept to the end of the opening "
-           "handshake (TLS included); then the connection is aborted"),
+    Option("handshake_timeout", float, "seconds a client has for the TLS handshake (with "
+           "--tls-cert) and then for its whole handshake request; then it is aborted"),
     Option("max_request_headers", int, "header lines in a handshake request; more: the "
            "connection is closed without a response"),
     Option("max_header_line_bytes", int, "longest request line or header line of a handshake "

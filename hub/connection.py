@@ -60,11 +60,14 @@ class HubConnection(ServerConnection):
     """
 
     owner: ConnectionOwner  # set on the per-server subclass
+    #: Seconds from the TCP accept to the whole handshake request (``--handshake-timeout``);
+    #: set on the per-server subclass.
+    request_timeout: float = 10.0
 
     # Slots, not __dict__ entries: eight more keys made every connection's instance dict
     # resize (the figure is in docs/benchmarks.md, "Where the time goes").
-    __slots__ = ("counted", "dropping", "expiry", "handshaking", "pending", "private",
-                 "refilled", "remote", "strikes", "tokens", "user")
+    __slots__ = ("counted", "deadline", "dropping", "expiry", "handshaking", "pending",
+                 "private", "refilled", "remote", "strikes", "tokens", "user")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -79,21 +82,33 @@ class HubConnection(ServerConnection):
         self.strikes = 0
         self.expiry: asyncio.TimerHandle | None = None
         self.handshaking = False
+        self.deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """The TCP accept: the handshake counts as in progress from here
-        (:meth:`ConnectionOwner.accepted`)."""
+        """The TCP accept (after the TLS handshake, with TLS): the handshake counts as in
+        progress from here (:meth:`ConnectionOwner.accepted`), and the whole request must
+        arrive within :attr:`request_timeout` seconds."""
         super().connection_made(transport)  # starts websockets' handler task
         self.handshaking = True
+        self.deadline = self.loop.call_later(self.request_timeout, self._request_late)
         self.owner.accepted(self)
 
+    def _request_late(self) -> None:
+        self.deadline = None
+        if self.request is None:
+            self._handshake_over("timeout")
+            self.transport.abort()
+
     def data_received(self, data: bytes) -> None:
-        """Bytes from the peer. When they made the handshake request unparsable (past the
-        header limits, or not HTTP), websockets has queued its 414/431 answer (or nothing)
-        but would buffer whatever follows until the opening timeout: stop reading at once
-        and close once that answer is written."""
+        """Bytes from the peer. Once they complete the handshake request, its deadline is
+        off. When they made it unparsable (past the header limits, or not HTTP), websockets
+        has queued its 414/431 answer (or nothing) but would buffer whatever follows until
+        the opening timeout: stop reading at once and close once that answer is written."""
         super().data_received(data)
-        if self.request is None and self.protocol.handshake_exc is not None:
+        if self.deadline is not None and self.request is not None:
+            self.deadline.cancel()
+            self.deadline = None
+        elif self.request is None and self.protocol.handshake_exc is not None:
             self._handshake_over("malformed")
             self.transport.close()
 
@@ -120,6 +135,9 @@ class HubConnection(ServerConnection):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
         self._handshake_over(None)  # a handshake task that never ran
         # The connection object sits in reference cycles (its handler task, futures) that
         # only the cyclic garbage collector frees, maybe much later: let go now of what can

@@ -45,6 +45,10 @@ logger = logging.getLogger("hub.server")
 #: Seconds the peer has to answer our close frame before the TCP connection is dropped.
 CLOSE_TIMEOUT = 5.0
 
+#: Seconds the whole opening handshake may take beyond --handshake-timeout: the hub's own
+#: work before the 101 (the personal channel's subscription waits up to 5 s for Redis).
+OPEN_MARGIN = 10.0
+
 
 class Hub:
     """One hub process: builds the broker, node, sessions and handshake from ``config``,
@@ -79,7 +83,8 @@ class Hub:
         self.stopping = False
         self.server: Any = None
         self.metrics_server: Any = None
-        self._connection_class = type("HubConnection", (HubConnection,), {"owner": self})
+        self._connection_class = type("HubConnection", (HubConnection,), {
+            "owner": self, "request_timeout": config.handshake_timeout})
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -108,8 +113,11 @@ class Hub:
                 max_size=cfg.max_message_bytes,
                 ping_interval=cfg.ping_interval or None,
                 ping_timeout=cfg.ping_interval or None,
-                # From the accept to the 101 (the TLS handshake too: ssl_handshake_timeout).
-                open_timeout=cfg.handshake_timeout,
+                # The client has --handshake-timeout for the TLS handshake and then for its
+                # request (HubConnection.request_timeout); the whole handshake, with the
+                # personal channel's subscription (up to 5 s), gets OPEN_MARGIN more.
+                open_timeout=cfg.handshake_timeout + OPEN_MARGIN,
+                ssl_handshake_timeout=cfg.handshake_timeout if tls else None,
                 close_timeout=CLOSE_TIMEOUT,
                 # The write buffer's high-water mark is the slow-consumer limit: the transport
                 # calls pause_writing() when a connection passes it (websockets' send() also
