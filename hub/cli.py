@@ -8,7 +8,8 @@ message and prints how many hub processes received it. ``hub --version`` prints
 
 Exit codes: 0 on success and on a graceful stop, 2 on a usage or configuration error (a bad
 value, a malformed Redis URL, an unreadable TLS file, a port in use, a host that does not
-resolve), with one line ``hub: ...`` on stderr; 1 when ``hub publish`` cannot reach Redis.
+resolve, a file-descriptor limit below what the limits need), with one line ``hub: ...`` on
+stderr; 1 when ``hub publish`` cannot reach Redis.
 """
 
 from __future__ import annotations
@@ -79,6 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             config = Config.from_sources(vars(args))
+            # Before any worker forks (they inherit it); exits 2 when it stays too low.
+            from .oslimits import fds_needed, raise_fd_limit
+
+            raise_fd_limit(fds_needed(config.max_connections, config.max_pending_handshakes))
             _setup_logging(config.log_level)
             if config.workers > 1:
                 from .supervisor import run_workers

@@ -109,10 +109,22 @@ OPTIONS: tuple[Option, ...] = (
     Option("share_port", bool, "join hub processes already listening on this port "
            "(SO_REUSEPORT), e.g. for a rolling restart", default_text="off: such a port is "
            "refused"),
+    Option("metrics_port", int, "TCP port of a second, private listener for /metrics, "
+           "/healthz and /readyz (plain HTTP, no authentication; SO_REUSEPORT with "
+           "--workers); /metrics on --port then answers 404",
+           default_text="none: /metrics on --port"),
     # Limits
     Option("max_connections", int, "connections per process; past it the handshake gets 503"),
     Option("max_connections_per_user", int, "connections per user id per process; past it "
            "the handshake gets 429 and an in-band connect is closed with 4009; 0 disables"),
+    Option("max_pending_handshakes", int, "TCP connections per process whose opening "
+           "handshake has not finished; one more aborts the oldest of them"),
+    Option("handshake_timeout", float, "seconds a client has for the TLS handshake (with "
+           "--tls-cert) and then for its whole handshake request; then it is aborted"),
+    Option("max_request_headers", int, "header lines in a handshake request; more: the "
+           "connection is closed without a response"),
+    Option("max_header_line_bytes", int, "longest request line or header line of a handshake "
+           "request, in bytes; longer: the connection is closed without a response"),
     Option("max_subscriptions", int, "channel subscriptions per connection"),
     Option("max_message_bytes", int, "largest client message in bytes; larger closes with 1009"),
     Option("max_buffer_bytes", int, "per-connection write buffer in bytes above which a "
@@ -162,9 +174,14 @@ class Config:
     loop: str = "auto"
     workers: int = 1
     share_port: bool = False
+    metrics_port: int | None = None
     # Limits
     max_connections: int = 10000
     max_connections_per_user: int = 100
+    max_pending_handshakes: int = 256
+    handshake_timeout: float = 5.0
+    max_request_headers: int = 32
+    max_header_line_bytes: int = 8192
     max_subscriptions: int = 128
     max_message_bytes: int = 65536
     max_buffer_bytes: int = 1048576
@@ -187,7 +204,8 @@ class Config:
         """Raise :class:`ConfigError` naming the first option whose value is out of range."""
         positive = ("max_connections", "max_subscriptions", "max_message_bytes",
                     "max_buffer_bytes", "workers", "probe_interval", "probe_timeout",
-                    "auth_timeout")
+                    "auth_timeout", "max_pending_handshakes", "handshake_timeout",
+                    "max_request_headers", "max_header_line_bytes")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_BY_NAME[name].flag} must be > 0, got {getattr(self, name)}")
@@ -197,10 +215,17 @@ class Config:
                 raise ConfigError(f"{_BY_NAME[name].flag} must be >= 0, got {getattr(self, name)}")
         if math.isnan(self.max_frame_rate):
             raise ConfigError("--max-frame-rate must be a number, got nan")
-        if not math.isfinite(self.auth_timeout):  # nan passes the > 0 check above
-            raise ConfigError(f"--auth-timeout must be a finite number, got {self.auth_timeout}")
+        for name in ("auth_timeout", "handshake_timeout"):
+            if not math.isfinite(getattr(self, name)):  # nan passes the > 0 check above
+                raise ConfigError(f"{_BY_NAME[name].flag} must be a finite number, "
+                                  f"got {getattr(self, name)}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port must be 0..65535, got {self.port}")
+        if self.metrics_port is not None:
+            if not 0 <= self.metrics_port <= 65535:
+                raise ConfigError(f"--metrics-port must be 0..65535, got {self.metrics_port}")
+            if self.metrics_port == self.port and self.port != 0:
+                raise ConfigError("--metrics-port must differ from --port")
         if self.workers > 1 and not self.redis_url:
             raise ConfigError("--workers above 1 needs --redis-url: the embedded broker only "
                               "reaches its own process")

@@ -15,17 +15,27 @@ import time
 from collections.abc import Iterable
 from typing import Any, ClassVar, Protocol
 
+from websockets import http11
 from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.frames import Frame, Opcode
 from websockets.protocol import Event, State
 
-__all__ = ["ConnectionOwner", "HubConnection", "close_or_abort", "fan_out", "send_text"]
+__all__ = ["ConnectionOwner", "HubConnection", "close_or_abort", "fan_out", "limit_requests",
+           "send_text"]
 
 logger = logging.getLogger("hub.connection")
 
 
 class ConnectionOwner(Protocol):
     """What a :class:`HubConnection` reports to (the hub process, :class:`hub.server.Hub`)."""
+
+    def accepted(self, conn: HubConnection) -> None:
+        """A TCP connection was just accepted: its opening handshake starts."""
+
+    def handshake_over(self, conn: HubConnection, reason: str | None) -> None:
+        """``conn``'s opening handshake ended, at most once per connection: answered (101
+        or a refusal) or given up (``reason`` None), ``"timeout"`` (the opening timeout
+        passed) or ``"malformed"`` (an unparsable request)."""
 
     def forget(self, conn: HubConnection) -> None:
         """The TCP connection of ``conn`` is gone."""
@@ -47,10 +57,11 @@ class HubConnection(ServerConnection):
     private channel patterns of its token; ``pending`` is True from a handshake without a
     token (with ``--jwt-secret``) until its ``connect`` is accepted; ``remote`` is the client
     address for log lines (``--trusted-proxy``); ``dropping`` is True once the hub decided to
-    close it; ``counted`` while it counts against ``--max-connections``; ``expiry`` the timer
-    of its token's ``exp``. ``tokens``, ``refilled``, ``commands`` and ``refused`` are the
-    command rate limiter's state (:mod:`hub.session`); ``frames`` and ``frames_at`` the
-    frame budget's (:meth:`process_event`).
+    close it; ``counted`` while it counts against ``--max-connections``; ``handshaking`` from
+    the TCP accept to the end of the opening handshake; ``expiry`` the timer of its token's
+    ``exp``. ``tokens``, ``refilled``, ``commands`` and ``refused`` are the command rate
+    limiter's state (:mod:`hub.session`); ``frames`` and ``frames_at`` the frame budget's
+    (:meth:`process_event`).
 
     Build a subclass per server with ``owner``, ``frame_rate`` and ``frame_burst`` set (see
     :class:`ConnectionOwner`).
@@ -62,11 +73,15 @@ class HubConnection(ServerConnection):
     #: per-server subclass (``--max-frame-rate``).
     frame_rate: ClassVar[float] = 0.0
     frame_burst: ClassVar[float] = 0.0
+    #: Seconds from the TCP accept to the whole handshake request (``--handshake-timeout``);
+    #: set on the per-server subclass.
+    request_timeout: float = 10.0
 
     # Slots, not __dict__ entries: eight more keys made every connection's instance dict
     # resize (the figure is in docs/benchmarks.md, "Where the time goes").
-    __slots__ = ("commands", "counted", "dropping", "expiry", "frames", "frames_at", "pending",
-                 "private", "refilled", "refused", "remote", "tokens", "user")
+    __slots__ = ("commands", "counted", "deadline", "dropping", "expiry", "frames", "frames_at",
+                 "handshaking", "pending", "private", "refilled", "refused", "remote", "tokens",
+                 "user")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -84,6 +99,57 @@ class HubConnection(ServerConnection):
         self.frames = 0.0
         self.frames_at = 0.0
         self.expiry: asyncio.TimerHandle | None = None
+        self.handshaking = False
+        self.deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """The TCP accept (after the TLS handshake, with TLS): the handshake counts as in
+        progress from here (:meth:`ConnectionOwner.accepted`), and the whole request must
+        arrive within :attr:`request_timeout` seconds."""
+        super().connection_made(transport)  # starts websockets' handler task
+        self.handshaking = True
+        self.deadline = self.loop.call_later(self.request_timeout, self._request_late)
+        self.owner.accepted(self)
+
+    def _request_late(self) -> None:
+        self.deadline = None
+        if self.request is None:
+            self._handshake_over("timeout")
+            self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        """Bytes from the peer. Once they complete the handshake request, its deadline is
+        off. When they made it unparsable (past the header limits, or not HTTP), websockets
+        has queued its 414/431 answer (or nothing) but would buffer whatever follows until
+        the opening timeout: stop reading at once and close once that answer is written."""
+        super().data_received(data)
+        if self.deadline is not None and self.request is not None:
+            self.deadline.cancel()
+            self.deadline = None
+        elif self.request is None and self.protocol.handshake_exc is not None:
+            self._handshake_over("malformed")
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Drop the TCP connection now (RST), unsent bytes included."""
+        self.transport.abort()
+
+    async def handshake(self, *args: Any, **kwargs: Any) -> None:
+        """websockets' opening handshake, reporting its end to the owner whatever the
+        outcome (the opening timeout cancels this coroutine)."""
+        reason = None
+        try:
+            await super().handshake(*args, **kwargs)
+        except asyncio.CancelledError:
+            reason = "timeout"
+            raise
+        finally:
+            self._handshake_over(reason)
+
+    def _handshake_over(self, reason: str | None) -> None:
+        if self.handshaking:
+            self.handshaking = False
+            self.owner.handshake_over(self, reason)
 
     def process_event(self, event: Event) -> None:
         """Count every frame the peer sends against the frame budget, then let the library
@@ -114,6 +180,24 @@ class HubConnection(ServerConnection):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
+        self._handshake_over(None)  # a handshake task that never ran
+        # The connection object sits in reference cycles (its handler task, futures) that
+        # only the cyclic garbage collector frees, maybe much later: let go now of what can
+        # be big. A request cut short holds up to its header limits in the bytes read but
+        # not parsed and in the headers parsed so far, which the parser's frames keep, and
+        # the traceback of the handshake error (EOF in the middle of the request) keeps
+        # those frames.
+        self.protocol.reader.buffer.clear()
+        self.drop_handshake()
+        error: BaseException | None = self.protocol.handshake_exc
+        for _ in range(8):  # the chain's length is small; a cycle must not loop forever
+            if error is None:
+                break
+            error.__traceback__ = None
+            error = error.__cause__ or error.__context__
         self.owner.forget(self)
 
     def pause_writing(self) -> None:
@@ -164,6 +248,20 @@ class HubConnection(ServerConnection):
         """True while the WebSocket is OPEN (RFC 6455 section 4: handshake done, no close
         frame sent or received)."""
         return self.protocol.state is State.OPEN
+
+
+def limit_requests(max_headers: int, max_line_bytes: int) -> None:
+    """Bound the HTTP requests this process parses: at most ``max_headers`` header lines,
+    none (nor the request line) longer than ``max_line_bytes`` bytes. Past either,
+    websockets closes the connection without a response.
+
+    websockets reads these bounds from the globals ``MAX_NUM_HEADERS`` and
+    ``MAX_LINE_LENGTH`` of ``websockets.http11`` each time it parses a request (their
+    defaults, 128 and 8192, come from the variables ``WEBSOCKETS_MAX_NUM_HEADERS`` and
+    ``WEBSOCKETS_MAX_LINE_LENGTH`` read at import); this sets them for the whole process.
+    """
+    http11.MAX_NUM_HEADERS = max_headers
+    http11.MAX_LINE_LENGTH = max_line_bytes
 
 
 def fan_out(conns: Iterable[HubConnection], text: bytes) -> None:

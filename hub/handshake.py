@@ -8,6 +8,13 @@ connections, 503 while stopping, past ``--max-connections`` or when the personal
 channel cannot be subscribed. An accepted handshake either carries an identity (a token in
 ``Authorization`` or ``?token=``, or ``?user=`` without ``--jwt-secret``) or none, and then
 waits for an in-band ``connect`` (:mod:`hub.session`). docs/protocol.md section 2.
+
+Before any of that, a TCP connection counts as a handshake in progress from its accept to the
+end of its opening handshake. At most ``--max-pending-handshakes`` are: when one more is
+accepted, the oldest is aborted (:meth:`Handshake.admit`). Evicting the oldest rather than
+refusing the newest means that sockets held open without finishing their request cannot
+lock legitimate clients out: a real handshake takes one round trip, a flood would have to
+open ``--max-pending-handshakes`` connections within it.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from .channels import personal_channel
 from .connection import HubConnection
 from .exceptions import AuthError, BrokerUnavailable
 from .forwarded import client_address, parse_networks
+from .metrics import Metrics
 from .node import Node
 from .session import Sessions
 
@@ -41,12 +49,15 @@ class Handshake:
     :attr:`open_connections`, counted from an accepted handshake to ``connection_lost``;
     ``max_connections_per_user`` (0: no limit) bounds the attached connections of one user
     id (the node's registry; a handshake with an identity is attached in :meth:`response`,
-    in the same step as its acceptance here).
+    in the same step as its acceptance here). ``max_pending_handshakes`` bounds
+    :attr:`in_progress`, the TCP connections accepted whose opening handshake has not ended.
+    ``metrics`` gets the handshakes aborted.
     """
 
-    def __init__(self, node: Node, sessions: Sessions, *, allowed_origin: Sequence[str],
-                 trusted_proxy: Sequence[str], jwt_secret: str | None,
-                 max_connections: int, max_connections_per_user: int) -> None:
+    def __init__(self, node: Node, sessions: Sessions, metrics: Metrics, *,
+                 allowed_origin: Sequence[str], trusted_proxy: Sequence[str],
+                 jwt_secret: str | None, max_connections: int,
+                 max_connections_per_user: int, max_pending_handshakes: int) -> None:
         self.node = node
         self.sessions = sessions
         self.origins = frozenset(allowed_origin)
@@ -55,8 +66,36 @@ class Handshake:
         self.max_connections = max_connections
         self.max_connections_per_user = max_connections_per_user
         self.open_connections = 0
+        self.metrics = metrics
+        self.max_pending_handshakes = max_pending_handshakes
+        # Insertion-ordered: the first key is the oldest handshake in progress.
+        self._pending: dict[HubConnection, None] = {}
         #: Set by the server when it starts stopping: new handshakes get 503.
         self.stopping = False
+
+    def admit(self, conn: HubConnection) -> None:
+        """A TCP connection was accepted: it counts in :attr:`in_progress` until
+        :meth:`settled`. Past ``max_pending_handshakes``, the oldest handshake in progress is
+        aborted (``hub_handshakes_aborted_total{reason="evicted"}``; no log line, so that a
+        flood does not become a log flood)."""
+        if len(self._pending) >= self.max_pending_handshakes:
+            oldest = next(iter(self._pending))
+            del self._pending[oldest]
+            self.metrics.handshakes_aborted.labels("evicted").inc()
+            oldest.abort()
+        self._pending[conn] = None
+
+    def settled(self, conn: HubConnection, reason: str | None) -> None:
+        """``conn``'s opening handshake ended; ``reason`` ``"timeout"``
+        (``--handshake-timeout`` passed) and ``"malformed"`` (past the request limits, or
+        not HTTP) are counted in ``hub_handshakes_aborted_total{reason}``. Idempotent."""
+        if self._pending.pop(conn, 0) is None and reason is not None:
+            self.metrics.handshakes_aborted.labels(reason).inc()
+
+    @property
+    def in_progress(self) -> int:
+        """TCP connections accepted whose opening handshake has not ended."""
+        return len(self._pending)
 
     def request(self, conn: HubConnection, request: Request) -> Response | None:
         """Decide the handshake of ``request`` (path ``/ws`` or any other but the probes):

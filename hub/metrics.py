@@ -40,6 +40,17 @@ class Metrics:
                                          "a loss", registry=r)
         self.gaps = Counter("hub_gaps_signalled", "gap frames sent to clients after a broker "
                             "outage", registry=r)
+        self.handshakes_in_progress = Gauge(
+            "hub_handshakes_in_progress", "TCP connections accepted whose opening handshake "
+            "has not ended", registry=r)
+        self.handshakes_aborted = Counter(
+            "hub_handshakes_aborted", "Connections given up before the end of their "
+            "opening handshake: evicted (the oldest, past --max-pending-handshakes), timeout "
+            "(--handshake-timeout), malformed (past the request header limits, or not HTTP)",
+            ["reason"], registry=r)
+        self.accept_errors = Counter(
+            "hub_accept_errors", "accept() calls of a listening socket that failed (EMFILE: "
+            "out of file descriptors, ENFILE, ENOBUFS, ENOMEM)", registry=r)
         self.closes = Counter("hub_connections_closed", "Connections closed by the hub, by "
                               "close code", ["code"], registry=r)
 

@@ -3,7 +3,9 @@
 Paths on the one port: ``/ws`` (the WebSocket endpoint, :mod:`hub.handshake`), ``GET
 /healthz`` (200 while the process runs), ``GET /readyz`` (200 while the broker is connected
 and the process is not stopping, else 503), ``GET /metrics`` (Prometheus text), anything else
-404.
+404. With ``--metrics-port``, a second listener answers ``/metrics``, ``/healthz`` and
+``/readyz`` (plain HTTP, its own accept queue, so probes do not wait behind the public port),
+and ``/metrics`` on the main port answers 404.
 
 Shutdown (SIGTERM or SIGINT), in order: ``/readyz`` turns 503 and the listening socket closes;
 every connection gets close code 1001 (going away); connections that have not closed within
@@ -19,7 +21,7 @@ import signal
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from websockets.asyncio.server import serve
+from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
@@ -27,11 +29,12 @@ from .auth import origin_problems
 from .brokers import create_broker
 from .channels import ChannelRules
 from .config import Config, address_error
-from .connection import HubConnection
+from .connection import HubConnection, limit_requests
 from .exceptions import ConfigError
 from .handshake import Handshake
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .node import Node
+from .oslimits import AcceptErrors
 from .protocol import CLOSE_GOING_AWAY
 from .session import Sessions
 
@@ -41,6 +44,10 @@ logger = logging.getLogger("hub.server")
 
 #: Seconds the peer has to answer our close frame before the TCP connection is dropped.
 CLOSE_TIMEOUT = 5.0
+
+#: Seconds the whole opening handshake may take beyond --handshake-timeout: the hub's own
+#: work before the 101 (the personal channel's subscription waits up to 5 s for Redis).
+OPEN_MARGIN = 10.0
 
 
 class Hub:
@@ -65,20 +72,24 @@ class Hub:
                                  rate_limit=config.rate_limit,
                                  max_subscriptions=config.max_subscriptions,
                                  max_connections_per_user=config.max_connections_per_user)
-        self.handshake = Handshake(self.node, self.sessions,
+        self.handshake = Handshake(self.node, self.sessions, self.metrics,
                                    allowed_origin=config.allowed_origin,
                                    trusted_proxy=config.trusted_proxy,
                                    jwt_secret=config.jwt_secret,
                                    max_connections=config.max_connections,
-                                   max_connections_per_user=config.max_connections_per_user)
+                                   max_connections_per_user=config.max_connections_per_user,
+                                   max_pending_handshakes=config.max_pending_handshakes)
         # Count TCP connections from handshake to connection_lost, not registry entries, so
         # that a connection being closed still counts until it is really gone.
         self.metrics.connections.set_function(lambda: self.handshake.open_connections)
+        self.metrics.handshakes_in_progress.set_function(lambda: self.handshake.in_progress)
         self.stopping = False
         self.server: Any = None
+        self.metrics_server: Any = None
         self._connection_class = type("HubConnection", (HubConnection,), {
             "owner": self, "frame_rate": config.max_frame_rate,
-            "frame_burst": 2 * config.max_frame_rate})
+            "frame_burst": 2 * config.max_frame_rate,
+            "request_timeout": config.handshake_timeout})
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -92,6 +103,8 @@ class Hub:
         """
         cfg = self.config
         tls = cfg.ssl_context()
+        limit_requests(cfg.max_request_headers, cfg.max_header_line_bytes)
+        AcceptErrors(self.metrics.accept_errors).install(asyncio.get_running_loop())
         # serve() hands our create_connection subclass to these callbacks; its signature
         # only says ServerConnection, hence the ignores.
         try:
@@ -105,6 +118,11 @@ class Hub:
                 max_size=cfg.max_message_bytes,
                 ping_interval=cfg.ping_interval or None,
                 ping_timeout=cfg.ping_interval or None,
+                # The client has --handshake-timeout for the TLS handshake and then for its
+                # request (HubConnection.request_timeout); the whole handshake, with the
+                # personal channel's subscription (up to 5 s), gets OPEN_MARGIN more.
+                open_timeout=cfg.handshake_timeout + OPEN_MARGIN,
+                ssl_handshake_timeout=cfg.handshake_timeout if tls else None,
                 close_timeout=CLOSE_TIMEOUT,
                 # The write buffer's high-water mark is the slow-consumer limit: the transport
                 # calls pause_writing() when a connection passes it (websockets' send() also
@@ -119,6 +137,12 @@ class Hub:
             )
         except OSError as exc:  # in use, not a local address, a host that does not resolve
             raise address_error(cfg.host, cfg.port, exc) from None
+        if cfg.metrics_port is not None:
+            try:
+                self.metrics_server = await self._serve_metrics(cfg.metrics_port, reuse_port)
+            except OSError as exc:
+                self.server.close()
+                raise address_error(cfg.host, cfg.metrics_port, exc) from None
         if cfg.jwt_secret is None:
             logger.warning("authentication is OFF (no --jwt-secret): any client may connect "
                            "and claim any user id with ?user=; never run this in production")
@@ -130,6 +154,32 @@ class Hub:
         loop = type(asyncio.get_running_loop()).__module__.partition(".")[0]
         logger.info("listening on %s:%d%s (%s broker, %s loop)", cfg.host, self.port,
                     " with TLS" if tls else "", type(self.node.broker).__name__, loop)
+        if self.metrics_server is not None:
+            await self.metrics_server.start_serving()
+            logger.info("metrics and probes on http://%s:%d (/metrics, /healthz, /readyz)",
+                        cfg.host, self.metrics_port)
+
+    async def _serve_metrics(self, port: int, reuse_port: bool) -> Any:
+        """The ``--metrics-port`` listener, bound but not serving: a websockets server
+        whose ``process_request`` answers every request (no upgrade ever happens), plain
+        HTTP, SO_REUSEPORT when the main port has it (``--workers``: each worker answers
+        for itself)."""
+        async def never(conn: ServerConnection) -> None:  # every request gets a response
+            pass
+
+        return await serve(never, self.config.host, port,
+                           process_request=self._process_private_request,
+                           open_timeout=self.config.handshake_timeout,
+                           server_header=None, reuse_port=reuse_port or None,
+                           start_serving=False)
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The bound ``--metrics-port`` (useful with 0), or None without one."""
+        if self.metrics_server is None:
+            return None
+        port: int = self.metrics_server.sockets[0].getsockname()[1]
+        return port
 
     @property
     def port(self) -> int:
@@ -140,6 +190,8 @@ class Hub:
         """The ordered shutdown of the module docstring. Never raises."""
         self.stopping = self.handshake.stopping = True
         self.server.close(close_connections=False)
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         conns = [*self.node.connections(), *self.sessions.pending]
         logger.info("shutting down: closing %d connections with 1001", len(conns))
         timeout = self.config.shutdown_timeout
@@ -167,9 +219,28 @@ class Hub:
     # -- HTTP paths ------------------------------------------------------------------------
 
     def _process_request(self, conn: HubConnection, request: Request) -> Response | None:
-        """Answer the probe paths; hand every other request to :class:`Handshake` (None lets
-        a ``/ws`` handshake upgrade)."""
+        """Answer the probe paths (and ``/metrics`` without ``--metrics-port``); hand every
+        other request to :class:`Handshake` (None lets a ``/ws`` handshake upgrade)."""
         path = request.path.partition("?")[0]
+        if path == "/metrics" and self.config.metrics_port is not None:
+            return conn.respond(http.HTTPStatus.NOT_FOUND, "not found; /metrics is on "
+                                "--metrics-port\n")
+        response = self._probe(conn, path)
+        if response is not None:
+            return response
+        return self.handshake.request(conn, request)
+
+    def _process_private_request(self, conn: ServerConnection, request: Request) -> Response:
+        """Every request of the ``--metrics-port`` listener: the probe paths and
+        ``/metrics``, else 404."""
+        response = self._probe(conn, request.path.partition("?")[0])
+        if response is None:
+            return conn.respond(http.HTTPStatus.NOT_FOUND,
+                                "not found; this port serves /metrics, /healthz, /readyz\n")
+        return response
+
+    def _probe(self, conn: ServerConnection, path: str) -> Response | None:
+        """The answer of ``/healthz``, ``/readyz`` or ``/metrics``; None for another path."""
         if path == "/healthz":
             return conn.respond(http.HTTPStatus.OK, "OK\n")
         if path == "/readyz":
@@ -185,13 +256,19 @@ class Hub:
                                         ("Connection", "close")])
             response.body = body
             return response
-        return self.handshake.request(conn, request)
+        return None
 
     async def _process_response(self, conn: HubConnection, request: Request,
                                 response: Response) -> Response | None:
         return await self.handshake.response(conn, request, response)
 
     # -- ConnectionOwner -------------------------------------------------------------------
+
+    def accepted(self, conn: HubConnection) -> None:
+        self.handshake.admit(conn)
+
+    def handshake_over(self, conn: HubConnection, reason: str | None) -> None:
+        self.handshake.settled(conn, reason)
 
     def forget(self, conn: HubConnection) -> None:
         """Called once the TCP connection is gone, whatever happened before."""

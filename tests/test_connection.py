@@ -57,6 +57,12 @@ class _Owner:
     def forget(self, conn: HubConnection) -> None:
         self.forgotten.append(conn)
 
+    def accepted(self, conn: HubConnection) -> None:
+        pass
+
+    def handshake_over(self, conn: HubConnection, reason: str | None) -> None:
+        pass
+
     def slow_consumer(self, conn: HubConnection) -> None:
         raise AssertionError("no slow consumer here")
 

@@ -330,12 +330,19 @@ def test_k8s_hub_deployment():
     config = check_env({**dockerfile_env(), **env}, "deploy/k8s/hub.yaml")
     check_hub_command(["serve", *container.get("args", [])])  # the image's ENTRYPOINT + args
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert list(ports.values()) == [config.port]
+    listeners = [config.port] if config.metrics_port is None else [config.port,
+                                                                    config.metrics_port]
+    assert list(ports.values()) == listeners
 
+    # With --metrics-port the probes go there (own listener, not behind the clients' queue).
+    probe_port = config.port if config.metrics_port is None else config.metrics_port
     for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
         get = container[probe]["httpGet"]
         assert get["path"] == path
-        assert ports.get(get["port"], get["port"]) == config.port
+        assert ports.get(get["port"], get["port"]) == probe_port
+    annotations = pod["metadata"].get("annotations", {})
+    if "prometheus.io/port" in annotations:  # scrape where /metrics is served
+        assert int(annotations["prometheus.io/port"]) == probe_port
 
     pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("exec", {})
     pre_stop_sleep = float(pre_stop["command"][1]) if pre_stop else 0.0
