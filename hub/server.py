@@ -57,7 +57,8 @@ class Hub:
         broker = create_broker(config.redis_url, cluster=config.redis_cluster,
                                prefix=config.redis_prefix, probe_interval=config.probe_interval,
                                probe_timeout=config.probe_timeout)
-        self.node = Node(broker, self.metrics)
+        self.node = Node(broker, self.metrics, max_payload_bytes=config.max_payload_bytes,
+                         max_lag=config.max_lag)
         self.sessions = Sessions(self.node, ChannelRules(config.client_publish), self.metrics,
                                  jwt_secret=config.jwt_secret,
                                  auth_timeout=config.auth_timeout,
