@@ -10,6 +10,7 @@ fan-out relies on details of websockets' asyncio implementation of major version
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Iterable
 from typing import Any, Protocol
@@ -93,10 +94,8 @@ class HubConnection(ServerConnection):
             if data:
                 transport.write(data)
             elif transport.can_write_eof():  # half-close the TCP connection (no TLS)
-                try:
+                with contextlib.suppress(Exception):  # OSError, uvloop's RuntimeError
                     transport.write_eof()
-                except Exception:  # as websockets: OSError, uvloop's RuntimeError
-                    pass
             else:
                 transport.close()
 
