@@ -162,7 +162,7 @@ class Config:
     max_subscriptions: int = 128
     max_message_bytes: int = 65536
     max_buffer_bytes: int = 1048576
-    max_payload_bytes: int = 262144
+    max_payload_bytes: int = 65536
     max_lag: float = 1.0
     rate_limit: float = 100.0
     ping_interval: float = 20.0
