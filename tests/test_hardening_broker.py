@@ -161,9 +161,9 @@ async def test_large_backend_payload_is_dropped_and_nobody_is_closed(redis_serve
         dropped = metric(hub, "hub_payloads_dropped_total", '{reason="too_large"}')
         connections = metric(hub, "hub_connections")
         firsts = [f if isinstance(f, Exception) else f.get("data", f)[:20] for f in frames]
-        print(f"\n8 MiB publish to 20 readers + 200 idle: hub RSS {before:.0f} MB, peak {after:.0f} MB "
-              f"(+{after - before:.0f} MB), 4008 closes {closed:g}, dropped {dropped}, "
-              f"first frames {firsts[:3]}")
+        print(f"\n8 MiB publish to 20 readers + 200 idle: hub RSS {before:.0f} MB, "
+              f"peak {after:.0f} MB (+{after - before:.0f} MB), 4008 closes {closed:g}, "
+              f"dropped {dropped}, first frames {firsts[:3]}")
         assert closed == 0
         assert connections == 220
         assert all(not isinstance(f, Exception) and f["data"] == "small" for f in frames), frames
