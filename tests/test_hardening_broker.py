@@ -385,3 +385,44 @@ async def test_readyz_turns_503_while_the_hub_lags(redis_server, hub_factory):
     finally:
         for ws in conns:
             ws.transport.abort()
+
+
+class FakeConn:
+    """An open connection without extensions whose transport keeps what is written."""
+
+    def __init__(self) -> None:
+        self.user = None
+        self.dropping = False
+        self.protocol = type("P", (), {"extensions": []})()
+        from websockets.protocol import State
+        self.protocol.state = State.OPEN
+        self.written: list[bytes] = []
+        self.transport = type("T", (), {"write": staticmethod(self.written.append),
+                                        "is_closing": staticmethod(lambda: False)})()
+
+
+async def test_oversized_payloads_are_counted_and_logged_once_per_interval(caplog):
+    from hub.brokers.memory import MemoryBroker
+
+    metrics = Metrics()
+    node = Node(MemoryBroker(), metrics, max_payload_bytes=100)
+    await node.start()
+    try:
+        conn = FakeConn()
+        node.attach(conn)  # type: ignore[arg-type]
+        await node.subscribe(conn, "news")  # type: ignore[arg-type]
+        with caplog.at_level("WARNING", logger="hub.node"):
+            for _ in range(50):
+                await node.publish("news", b'"' + b"x" * 200 + b'"')
+            # not JSON: 60 control bytes become 360 bytes of \u00XX escapes
+            await node.publish("news", b"\x01" * 60)
+            await node.publish("news", b'"ok"')
+            await asyncio.sleep(0)
+        lines = [r for r in caplog.records if "over --max-payload-bytes" in r.getMessage()]
+        assert len(lines) == 1, [r.getMessage() for r in lines]
+        assert len(conn.written) == 1 and b'"data":"ok"' in conn.written[0]
+        assert 'hub_payloads_dropped_total{reason="too_large"} 51.0' in metrics.render().decode()
+    finally:
+        await node.stop()
+    # stop() flushes the count not yet logged
+    assert any("dropped 50 broker messages" in r.getMessage() for r in caplog.records)
