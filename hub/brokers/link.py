@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable
@@ -242,7 +243,7 @@ class PubSubLink:
         self._attempts = 0
         self._probe_seen = 0
         self._probe_sent = 0  # seq of the last probe published
-        self._probe_sent_at: float | None = None  # loop.time() it was published, if outstanding
+        self._probe_sent_at: float | None = None  # time.monotonic() it was sent, if outstanding
         self._probe_rtt = 0.0  # seconds, round trip of the last probe that came back
         self._probe_event: asyncio.Event | None = None
         self._barrier: asyncio.Future[None] | None = None
@@ -282,7 +283,7 @@ class PubSubLink:
         sent = self._probe_sent_at
         if sent is None:
             return self._probe_rtt
-        return max(self._probe_rtt, asyncio.get_running_loop().time() - sent)
+        return max(self._probe_rtt, time.monotonic() - sent)
 
     def is_live(self, channel: str) -> bool:
         return channel in self._live
@@ -479,7 +480,7 @@ class PubSubLink:
         self._probe_seen = seq
         sent = self._probe_sent_at
         if seq == self._probe_sent and sent is not None:
-            self._probe_rtt = asyncio.get_running_loop().time() - sent
+            self._probe_rtt = time.monotonic() - sent
             self._probe_sent_at = None
         assert self._probe_event is not None
         self._probe_event.set()
@@ -495,7 +496,7 @@ class PubSubLink:
             await asyncio.sleep(self.probe_interval)
             seq += 1
             deadline = loop.time() + self.timeout
-            self._probe_sent, self._probe_sent_at = seq, loop.time()
+            self._probe_sent, self._probe_sent_at = seq, time.monotonic()
             try:
                 await asyncio.wait_for(publish(probe, str(seq)), self.timeout)
                 while self._probe_seen < seq:
