@@ -129,6 +129,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_message_bytes", int, "largest client message in bytes; larger closes with 1009"),
     Option("max_buffer_bytes", int, "per-connection write buffer in bytes above which a "
            "slow consumer is closed with 4008"),
+    Option("max_payload_bytes", int, "largest broker (backend) payload in bytes, as delivered "
+           "(a non-JSON payload counted as its JSON string); a larger one is delivered to "
+           "nobody, counted in hub_payloads_dropped_total; below --max-buffer-bytes"),
+    Option("max_lag", float, "seconds the delivery of broker messages may lag behind Redis "
+           "(liveness probe round trip) before /readyz answers 503"),
     Option("rate_limit", float, "client commands per second per connection (token bucket, "
            "burst of twice that); 0 disables. A connection with more than half of a window "
            "of 4x burst commands refused is closed with 4029"),
@@ -185,6 +190,8 @@ class Config:
     max_subscriptions: int = 128
     max_message_bytes: int = 65536
     max_buffer_bytes: int = 1048576
+    max_payload_bytes: int = 65536
+    max_lag: float = 1.0
     rate_limit: float = 100.0
     max_frame_rate: float = 1000.0
     ping_interval: float = 20.0
@@ -203,9 +210,9 @@ class Config:
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first option whose value is out of range."""
         positive = ("max_connections", "max_subscriptions", "max_message_bytes",
-                    "max_buffer_bytes", "workers", "probe_interval", "probe_timeout",
-                    "auth_timeout", "max_pending_handshakes", "handshake_timeout",
-                    "max_request_headers", "max_header_line_bytes")
+                    "max_buffer_bytes", "max_payload_bytes", "max_lag", "workers",
+                    "probe_interval", "probe_timeout", "auth_timeout", "max_pending_handshakes",
+                    "handshake_timeout", "max_request_headers", "max_header_line_bytes")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_BY_NAME[name].flag} must be > 0, got {getattr(self, name)}")
@@ -219,6 +226,11 @@ class Config:
             if not math.isfinite(getattr(self, name)):  # nan passes the > 0 check above
                 raise ConfigError(f"{_BY_NAME[name].flag} must be a finite number, "
                                   f"got {getattr(self, name)}")
+        if math.isnan(self.max_lag):
+            raise ConfigError("--max-lag must be a number, got nan")
+        if self.max_payload_bytes >= self.max_buffer_bytes:
+            raise ConfigError(f"--max-payload-bytes ({self.max_payload_bytes}) must be below "
+                              f"--max-buffer-bytes ({self.max_buffer_bytes})")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port must be 0..65535, got {self.port}")
         if self.metrics_port is not None:

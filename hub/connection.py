@@ -10,6 +10,7 @@ fan-out relies on details of websockets' asyncio implementation of major version
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Iterable
@@ -208,6 +209,24 @@ class HubConnection(ServerConnection):
         if not self.dropping:
             self.loop.call_soon(self.owner.slow_consumer, self)
 
+    def send_data(self) -> None:
+        """Write what the protocol has to send (pongs, close frames, replies), as websockets'
+        own ``send_data()`` does, but stop at the first chunk the transport is closing or lost
+        for (reset by the peer): asyncio's transport would log ``socket.send() raised
+        exception.`` for every later write, one line per pong of a ping burst. The rest is
+        discarded; the connection is going away."""
+        transport = self.transport
+        for data in self.protocol.data_to_send():
+            if transport.is_closing():
+                return
+            if data:
+                transport.write(data)
+            elif transport.can_write_eof():  # half-close the TCP connection (no TLS)
+                with contextlib.suppress(Exception):  # OSError, uvloop's RuntimeError
+                    transport.write_eof()
+            else:
+                transport.close()
+
     def drop_handshake(self) -> None:
         """Hold none of the handshake's headers (cookies, a token in the query or in
         Authorization) for the life of the connection, where they would cost every idle
@@ -281,14 +300,16 @@ def fan_out(conns: Iterable[HubConnection], text: bytes) -> None:
     * a connection with a negotiated extension (permessage-deflate, ``--compression
       deflate``) needs its own encoded frame: those go through ``broadcast()``.
 
-    A write that raises (transport torn down mid-loop) skips that connection only; its
-    ``connection_lost`` cleans it up. ``conns`` must not change during the call.
+    A connection whose transport is closing (reset by the peer, not yet ``connection_lost``)
+    is skipped: asyncio would log a line per write to it. A write that raises (transport torn
+    down mid-loop) skips that connection only; its ``connection_lost`` cleans it up. ``conns``
+    must not change during the call.
     """
     wire = None
     others: list[HubConnection] = []
     for conn in conns:
         protocol = conn.protocol
-        if protocol.state is not State.OPEN:
+        if protocol.state is not State.OPEN or conn.transport.is_closing():
             continue
         if protocol.extensions:
             others.append(conn)

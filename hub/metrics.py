@@ -6,10 +6,12 @@ do not collide. Names are listed in docs/reliability.md.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
@@ -53,6 +55,16 @@ class Metrics:
             "out of file descriptors, ENFILE, ENOBUFS, ENOMEM)", registry=r)
         self.closes = Counter("hub_connections_closed", "Connections closed by the hub, by "
                               "close code", ["code"], registry=r)
+        self.payloads_dropped = Counter("hub_payloads_dropped", "Broker messages not delivered "
+                                        "to anyone, by reason (too_large: over "
+                                        "--max-payload-bytes)", ["reason"], registry=r)
+        self.broker_lag = Gauge("hub_broker_lag_seconds", "Age of the oldest broker message "
+                                "not yet delivered, as the last liveness probe measured it",
+                                registry=r)
+        self.broker_connect_attempts = _CallbackCounter(
+            "hub_broker_connect_attempts", "Attempts to (re)build a broker link, successful or "
+            "not")
+        r.register(self.broker_connect_attempts)
 
     def bind(self, connections: Callable[[], float], subscriptions: Callable[[], float],
              channels: Callable[[], float], broker_connected: Callable[[], float]) -> None:
@@ -62,6 +74,26 @@ class Metrics:
         self.channels.set_function(channels)
         self.broker_connected.set_function(broker_connected)
 
+    def bind_broker(self, lag: Callable[[], float], connect_attempts: Callable[[], float]
+                    ) -> None:
+        """Attach the callbacks of ``hub_broker_lag_seconds`` and
+        ``hub_broker_connect_attempts_total``, read at scrape time."""
+        self.broker_lag.set_function(lag)
+        self.broker_connect_attempts.read = connect_attempts
+
     def render(self) -> bytes:
         """The exposition text of every metric."""
         return generate_latest(self.registry)
+
+
+class _CallbackCounter(Collector):
+    """A counter whose value is read at scrape time from ``read`` (a count kept elsewhere,
+    e.g. by the broker); exposed as ``<name>_total``."""
+
+    def __init__(self, name: str, documentation: str) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.read: Callable[[], float] = lambda: 0.0
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self.name, self.documentation, value=self.read())

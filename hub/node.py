@@ -8,6 +8,12 @@ wire bytes to every local subscriber; a connection whose write buffer passes the
 way is dropped right after as a slow consumer (close code 4008). The node knows connections
 only through :mod:`hub.connection`.
 
+A payload larger than ``max_payload_bytes`` (``--max-payload-bytes``) is delivered to nobody:
+buffered once per recipient it would cost every connection its write buffer (and 4008). It is
+counted in ``hub_payloads_dropped_total{reason="too_large"}`` and logged at most once per
+:data:`DROP_LOG_INTERVAL` seconds, with the count. The node is :attr:`Node.ready` while the
+broker is connected and its lag (:attr:`hub.brokers.base.Broker.lag`) is within ``max_lag``.
+
 The registry decides the broker subscriptions: the broker subscribes a channel when its first
 local connection subscribes and unsubscribes it when the last one leaves, so ``PUBSUB NUMSUB``
 counts hub processes, not clients. Operations on one channel are serialised by a lock so that
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Coroutine
 from typing import Any
 
@@ -30,7 +37,7 @@ from .metrics import Metrics
 from .protocol import CLOSE_SLOW_CONSUMER, gap_frame, message_frame, payload_to_json
 from .registry import Registry
 
-__all__ = ["SLOW_CLOSE_TIMEOUT", "SUBSCRIBE_TIMEOUT", "Node"]
+__all__ = ["DROP_LOG_INTERVAL", "SLOW_CLOSE_TIMEOUT", "SUBSCRIBE_TIMEOUT", "Node"]
 
 logger = logging.getLogger("hub.node")
 
@@ -38,6 +45,8 @@ logger = logging.getLogger("hub.node")
 SUBSCRIBE_TIMEOUT = 5.0
 #: Seconds a closing handshake may take before the TCP connection is aborted.
 SLOW_CLOSE_TIMEOUT = 2.0
+#: Seconds between two log lines about payloads dropped for their size (the count in between).
+DROP_LOG_INTERVAL = 10.0
 
 
 class Node:
@@ -45,14 +54,25 @@ class Node:
 
     ``broker`` is an unbound broker (:func:`hub.brokers.create_broker`); the node binds itself
     to it here, once (:meth:`hub.brokers.base.Broker.bind` raises if it is already bound).
-    ``metrics`` is updated as messages flow. Call :meth:`start` before use and :meth:`stop` at
-    shutdown.
+    ``metrics`` is updated as messages flow. ``max_payload_bytes`` is the largest payload
+    delivered (bytes, as delivered: a non-JSON payload counts as its JSON string);
+    ``max_lag`` the seconds of broker lag past which :attr:`ready` is False (``math.inf``:
+    never); both default to no limit (``hub serve`` passes ``--max-payload-bytes`` and
+    ``--max-lag``). Call :meth:`start` before use and :meth:`stop` at shutdown.
     """
 
-    def __init__(self, broker: Broker, metrics: Metrics | None = None) -> None:
+    def __init__(self, broker: Broker, metrics: Metrics | None = None, *,
+                 max_payload_bytes: float = math.inf, max_lag: float = math.inf) -> None:
         self.metrics = metrics or Metrics()
         self.registry: Registry[HubConnection] = Registry()
         self.broker = broker
+        self.max_payload_bytes = max_payload_bytes
+        self.max_lag = max_lag
+        self._too_large = self.metrics.payloads_dropped.labels("too_large")
+        self._drops_unlogged = 0  # payloads dropped since the last log line
+        self._drop_logged_at = -math.inf  # loop.time() of the last log line
+        self._drop_flush: asyncio.TimerHandle | None = None
+        self._last_drop = ("", 0)  # (channel, bytes) of the last payload dropped
         self._locks: dict[str, list[Any]] = {}  # channel -> [Lock, users]
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reconnects_seen = 0
@@ -62,6 +82,8 @@ class Node:
             channels=lambda: len(self.registry.by_channel),
             broker_connected=lambda: 1.0 if self.broker.connected else 0.0,
         )
+        self.metrics.bind_broker(lag=lambda: self.broker.lag,
+                                 connect_attempts=lambda: self.broker.connect_attempts)
         broker.bind(self)
 
     async def start(self) -> None:
@@ -71,10 +93,16 @@ class Node:
         await self.broker.stop()
         for task in list(self._tasks):
             task.cancel()
+        if self._drop_flush is not None:
+            self._drop_flush.cancel()
+            self._log_drops()
 
     @property
     def ready(self) -> bool:
-        return self.broker.connected
+        """True while the broker is connected and lags at most ``max_lag`` seconds behind
+        (drives ``/readyz``)."""
+        broker = self.broker
+        return broker.connected and broker.lag <= self.max_lag
 
     # -- the broker's handler: fan-out (the hot path), gaps, link state --------------------
 
@@ -85,12 +113,47 @@ class Node:
         conns = self.registry.by_channel.get(channel)
         if not conns:
             return
-        frame = message_frame(orjson.dumps(channel), payload_to_json(publication.payload))
+        payload = publication.payload
+        limit = self.max_payload_bytes
+        if len(payload) > limit:  # checked before parsing it: the JSON string is never shorter
+            self._drop_too_large(channel, len(payload))
+            return
+        data = payload_to_json(payload)
+        if len(data) > limit:
+            self._drop_too_large(channel, len(data))
+            return
+        frame = message_frame(orjson.dumps(channel), data)
         # A connection whose write buffer passes --max-buffer-bytes during this call is
         # reported by its transport (pause_writing) and dropped right after: see
         # hub.connection.HubConnection.pause_writing. No per-recipient check here.
         fan_out(conns, frame)
         self.metrics.deliveries.inc(len(conns))
+
+    def _drop_too_large(self, channel: str, size: int) -> None:
+        """Count a payload over ``max_payload_bytes``; log at most once per
+        :data:`DROP_LOG_INTERVAL` seconds (the first at once, the rest as a count)."""
+        self._too_large.inc()
+        self._drops_unlogged += 1
+        self._last_drop = (channel, size)
+        if self._drop_flush is not None:
+            return
+        loop = asyncio.get_running_loop()
+        wait = self._drop_logged_at + DROP_LOG_INTERVAL - loop.time()
+        if wait <= 0:
+            self._log_drops()
+        else:
+            self._drop_flush = loop.call_later(wait, self._log_drops)
+
+    def _log_drops(self) -> None:
+        self._drop_flush = None
+        if not self._drops_unlogged:
+            return
+        channel, size = self._last_drop
+        logger.warning("dropped %d broker messages over --max-payload-bytes %g (delivered to "
+                       "nobody); the last: channel=%r, %d bytes", self._drops_unlogged,
+                       self.max_payload_bytes, channel, size)
+        self._drops_unlogged = 0
+        self._drop_logged_at = asyncio.get_running_loop().time()
 
     def drop_slow_consumer(self, conn: HubConnection) -> None:
         """Stop sending to ``conn`` now and close it with 4008 (abort if that stalls).

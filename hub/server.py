@@ -1,11 +1,12 @@
 """The hub process, lifecycle only: build the parts, serve, answer the probes, stop in order.
 
 Paths on the one port: ``/ws`` (the WebSocket endpoint, :mod:`hub.handshake`), ``GET
-/healthz`` (200 while the process runs), ``GET /readyz`` (200 while the broker is connected
-and the process is not stopping, else 503), ``GET /metrics`` (Prometheus text), anything else
-404. With ``--metrics-port``, a second listener answers ``/metrics``, ``/healthz`` and
-``/readyz`` (plain HTTP, its own accept queue, so probes do not wait behind the public port),
-and ``/metrics`` on the main port answers 404.
+/healthz`` (200 while the process runs), ``GET /readyz`` (200 while the broker is connected,
+lags at most ``--max-lag`` seconds behind Redis, and the process is not stopping, else 503),
+``GET /metrics`` (Prometheus text), anything else 404. With ``--metrics-port``, a second
+listener answers ``/metrics``, ``/healthz`` and ``/readyz`` (plain HTTP, its own accept
+queue, so probes do not wait behind the public port), and ``/metrics`` on the main port
+answers 404.
 
 Shutdown (SIGTERM or SIGINT), in order: ``/readyz`` turns 503 and the listening socket closes;
 every connection gets close code 1001 (going away); connections that have not closed within
@@ -64,7 +65,8 @@ class Hub:
         broker = create_broker(config.redis_url, cluster=config.redis_cluster,
                                prefix=config.redis_prefix, probe_interval=config.probe_interval,
                                probe_timeout=config.probe_timeout)
-        self.node = Node(broker, self.metrics)
+        self.node = Node(broker, self.metrics, max_payload_bytes=config.max_payload_bytes,
+                         max_lag=config.max_lag)
         rules = ChannelRules(config.client_publish, dict(config.namespaces), config.channels)
         self.sessions = Sessions(self.node, rules, self.metrics,
                                  jwt_secret=config.jwt_secret,

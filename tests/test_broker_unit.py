@@ -148,7 +148,7 @@ class WireConn:
         self.dropping = False
         self.protocol = SimpleNamespace(state=State.OPEN, extensions=[])
         self.written: list[bytes] = []
-        self.transport = SimpleNamespace(write=self.written.append)
+        self.transport = SimpleNamespace(write=self.written.append, is_closing=lambda: False)
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         raise AssertionError("not closed in this test")

@@ -336,7 +336,8 @@ async def test_fan_out_mixes_compressed_and_plain_connections(redis_server, hub_
     """One wire frame is shared by the plain connections; a connection that negotiated
     permessage-deflate gets its own compressed frame (hub.connection.fan_out); the others go on
     after one closes. Every frame is parsed by the websockets client."""
-    hub = hub_factory("--compression", "deflate", redis=redis_server)
+    hub = hub_factory("--compression", "deflate", "--max-payload-bytes", "100000",
+                      redis=redis_server)  # the 70000-byte message is over the default 65536
     async with open_ws(hub.ws_url) as plain1, open_ws(hub.ws_url) as plain2, \
             open_ws(hub.ws_url, compression="deflate") as packed:
         assert packed.protocol.extensions and not plain1.protocol.extensions

@@ -260,7 +260,7 @@ async def test_connection_stuck_in_closing_is_reaped(redis_server, hub_factory):
 
 async def test_sigterm_with_hundreds_of_clients_some_frozen(redis_server, hub_factory):
     hub = hub_factory("--shutdown-timeout", "3", "--max-buffer-bytes", "100000000",
-                      redis=redis_server)
+                      "--max-payload-bytes", "1000000", redis=redis_server)
     clients = []
     for _ in range(300):
         ws = await open_ws(hub.ws_url, max_size=None)

@@ -117,6 +117,20 @@ class Broker(abc.ABC):
         0 for a broker without a link to lose."""
         return 0
 
+    @property
+    def connect_attempts(self) -> int:
+        """How many times a link was (re)built, successfully or not
+        (``hub_broker_connect_attempts_total``). 0 for a broker without a link."""
+        return 0
+
+    @property
+    def lag(self) -> float:
+        """Seconds the delivery of broker messages lags behind the broker: the age of the
+        oldest message not yet handed to the handler, as last measured
+        (``hub_broker_lag_seconds``). 0.0 for a broker that delivers synchronously, and
+        while not connected."""
+        return 0.0
+
     @abc.abstractmethod
     def is_live(self, channel: str) -> bool:
         """True if ``channel`` is confirmed subscribed on the current link."""

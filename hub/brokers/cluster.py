@@ -36,17 +36,15 @@ import logging
 import uuid
 from urllib.parse import urlsplit, urlunsplit
 
-from redis.backoff import ExponentialWithJitterBackoff
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from redis.exceptions import AskError, RedisError, ResponseError
 
 from ..exceptions import BrokerUnavailable
 from .base import Broker
 from .link import (
-    BACKOFF_BASE,
     BACKOFF_CAP,
-    MIN_DELAY,
     SHARDED,
+    Backoff,
     PubSubLink,
     no_retry_client,
     redact_url,
@@ -86,7 +84,7 @@ class ClusterBroker(Broker):
         self.probe_interval = probe_interval
         self.timeout = probe_timeout
         self.id = uuid.uuid4().hex.encode()
-        self.backoff = ExponentialWithJitterBackoff(cap=BACKOFF_CAP, base=BACKOFF_BASE)
+        self.backoff = Backoff()
         self.dirty = asyncio.Event()  # set: read the slot map again
         self.links: dict[str, PubSubLink] = {}  # "host:port" of each master -> its link
         self.route: dict[str, PubSubLink] = {}  # wanted channel -> the link it is subscribed on
@@ -118,6 +116,15 @@ class ClusterBroker(Broker):
     def reconnects(self) -> int:
         """Incremented each time a lost master link is confirmed again."""
         return self._reconnects
+
+    @property
+    def connect_attempts(self) -> int:
+        return sum(link.connect_attempts for link in self.links.values())
+
+    @property
+    def lag(self) -> float:
+        """The largest :attr:`~hub.brokers.link.PubSubLink.lag` of the master links."""
+        return max((link.lag for link in self.links.values()), default=0.0)
 
     def is_live(self, channel: str) -> bool:
         link = self.route.get(channel)
@@ -267,14 +274,19 @@ class ClusterBroker(Broker):
     # -- the slot map ----------------------------------------------------------------------
 
     async def _run(self) -> None:
-        """Read the slot map whenever :attr:`dirty` is set, with backoff between rounds."""
-        rounds = 0
+        """Read the slot map whenever :attr:`dirty` is set, with backoff between rounds (fast
+        for the first seconds of a streak of rounds, see :class:`~hub.brokers.link.Backoff`)."""
+        loop = asyncio.get_running_loop()
+        rounds = late = 0
+        streak = loop.time()
         while True:
             try:
                 await asyncio.wait_for(self.dirty.wait(), BACKOFF_CAP)
             except TimeoutError:
-                rounds = 0
+                rounds = late = 0
                 continue
+            if rounds == 0:
+                streak = loop.time()
             self.dirty.clear()
             try:
                 await self._refresh()
@@ -284,7 +296,10 @@ class ClusterBroker(Broker):
                            self.name, type(exc).__name__, exc)
                 self.dirty.set()
             rounds += 1
-            await asyncio.sleep(max(MIN_DELAY, self.backoff.compute(rounds)))
+            age = loop.time() - streak
+            await asyncio.sleep(self.backoff.delay(age, late))
+            if not self.backoff.is_fast(age):
+                late += 1
 
     async def _refresh(self) -> None:
         slots: list[str | None] = [None] * REDIS_CLUSTER_HASH_SLOTS

@@ -6,14 +6,17 @@ itself when lost. How it is kept honest (docs/reliability.md):
 
 * redis-py is given **no retries** (:func:`no_retry_client`), so a lost link raises instead of
   being silently reconnected and resubscribed with messages lost in between. The link then
-  reconnects itself with capped, jittered exponential backoff and resubscribes every channel
-  its owner still wants (:meth:`LinkOwner.wanted`); the owner reports the gap.
+  reconnects itself (:class:`Backoff`: every 0.1-0.25 s while the outage is younger than
+  5 s, then capped, jittered exponential backoff) and resubscribes every channel its owner
+  still wants (:meth:`LinkOwner.wanted`); the owner reports the gap.
 * A liveness probe PUBLISHes (or SPUBLISHes) a sequence number to a private channel of this
   process every ``probe_interval`` seconds; if it does not come back on the pub/sub connection
   within ``timeout`` seconds, the link is declared dead and rebuilt. A frozen Redis (SIGSTOP),
   a half-open TCP link, or a subscription Redis dropped for exceeding
   ``client-output-buffer-limit pubsub`` are all detected within ``probe_interval + timeout``
   seconds, a closed socket at once.
+* The probe also measures the link's **lag**: it travels the same pub/sub stream as the data,
+  so its round trip is the age of the backlog in front of it (:attr:`PubSubLink.lag`).
 
 The link owns its state (the connections, :attr:`PubSubLink.live`, :attr:`PubSubLink.ready`,
 :attr:`PubSubLink.reconnects`); the owner owns which channels are wanted where. They talk only
@@ -28,6 +31,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable
@@ -37,7 +42,7 @@ from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import RedisError, ResponseError
 
@@ -49,6 +54,7 @@ __all__ = [
     "MIN_DELAY",
     "PUBSUB",
     "SHARDED",
+    "Backoff",
     "Flavour",
     "LinkOwner",
     "PubSubLink",
@@ -59,10 +65,46 @@ __all__ = [
 
 logger = logging.getLogger("hub.broker")
 
-#: Reconnect delays: min(cap, random() * base * 2**failures), never below MIN_DELAY seconds.
-BACKOFF_BASE = 0.1
+#: Reconnect delays after the fast phase: random() * min(BACKOFF_CAP, BACKOFF_BASE * 2**n)
+#: seconds, never below MIN_DELAY (see :class:`Backoff`).
+BACKOFF_BASE = 0.25
 BACKOFF_CAP = 5.0
-MIN_DELAY = 0.05
+MIN_DELAY = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Reconnect delays (seconds), pure: a young outage is retried fast, an old one backs off.
+
+    While the outage is younger than ``fast_for`` seconds (a Redis restart, a failover), every
+    delay is uniform in ``[fast_min, fast_max]``, so the link is back within ``fast_max``
+    seconds of Redis answering again. After that, full-jitter exponential backoff:
+    ``random() * min(cap, base * 2**n)`` for the ``n``-th failure (from 0) past the fast phase,
+    never below ``fast_min``; ``cap`` bounds every delay.
+    """
+
+    fast_min: float = MIN_DELAY
+    fast_max: float = 0.25
+    fast_for: float = 5.0
+    base: float = BACKOFF_BASE
+    cap: float = BACKOFF_CAP
+
+    def delay(self, outage: float, late_failures: int, rand: float | None = None) -> float:
+        """The seconds to wait before the next attempt.
+
+        ``outage``: seconds since the link was lost (or first tried); ``late_failures``:
+        failed attempts since the fast phase ended (0 during it); ``rand`` in [0, 1), drawn
+        from :func:`random.random` when None.
+        """
+        r = random.random() if rand is None else rand
+        if outage < self.fast_for:
+            return self.fast_min + r * (self.fast_max - self.fast_min)
+        ceiling = min(self.cap, self.base * 2.0 ** min(late_failures, 32))
+        return min(self.cap, max(self.fast_min, r * ceiling))
+
+    def is_fast(self, outage: float) -> bool:
+        """True while ``outage`` seconds old is still in the fast phase."""
+        return outage < self.fast_for
 
 
 def redact_url(url: str) -> str:
@@ -197,8 +239,12 @@ class PubSubLink:
         self._reconnects = 0
         self._client: aioredis.Redis | None = None
         self._pubsub: aioredis.client.PubSub | None = None
-        self._backoff = ExponentialWithJitterBackoff(cap=BACKOFF_CAP, base=BACKOFF_BASE)
+        self._backoff = Backoff()
+        self._attempts = 0
         self._probe_seen = 0
+        self._probe_sent = 0  # seq of the last probe published
+        self._probe_sent_at: float | None = None  # time.monotonic() it was sent, if outstanding
+        self._probe_rtt = 0.0  # seconds, round trip of the last probe that came back
         self._probe_event: asyncio.Event | None = None
         self._barrier: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -220,6 +266,24 @@ class PubSubLink:
     def reconnects(self) -> int:
         """Incremented each time the link is confirmed again after a loss."""
         return self._reconnects
+
+    @property
+    def connect_attempts(self) -> int:
+        """Incremented at every attempt to (re)build the link, successful or not."""
+        return self._attempts
+
+    @property
+    def lag(self) -> float:
+        """Seconds the link lags behind Redis: the round trip of the last liveness probe, or
+        the age of the one outstanding if that is larger. The probe travels the same pub/sub
+        stream as the data, so this is the age of the backlog in front of it (plus one Redis
+        round trip). 0.0 while the link is not ready."""
+        if not self._ready:
+            return 0.0
+        sent = self._probe_sent_at
+        if sent is None:
+            return self._probe_rtt
+        return max(self._probe_rtt, time.monotonic() - sent)
 
     def is_live(self, channel: str) -> bool:
         return channel in self._live
@@ -281,8 +345,10 @@ class PubSubLink:
     # -- the loop --------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        failures = 0
+        loop = asyncio.get_running_loop()
+        failures = late = 0
         had_link = False
+        outage_start = loop.time()
         while not self._closing:
             try:
                 await self._session(had_link)
@@ -299,12 +365,16 @@ class PubSubLink:
                     logger.debug("redis %s: still down (%s)", self.name, reason)
             had_link = had_link or self._ready
             if self._ready:
-                failures = 0
+                failures = late = 0
+                outage_start = loop.time()
             await self._teardown()
             if self._closing:
                 return
             failures += 1
-            await asyncio.sleep(max(MIN_DELAY, self._backoff.compute(failures)))
+            outage = loop.time() - outage_start
+            await asyncio.sleep(self._backoff.delay(outage, late))
+            if not self._backoff.is_fast(outage):
+                late += 1
 
     def _group(self, keys: list[bytes]) -> list[list[bytes]]:
         """Split the (S)SUBSCRIBE of ``keys`` into commands: one, or one per hash slot."""
@@ -319,6 +389,9 @@ class PubSubLink:
 
     async def _session(self, had_link: bool) -> None:
         owner = self._owner
+        self._attempts += 1
+        self._probe_sent_at = None
+        self._probe_rtt = 0.0
         client = self._client = no_retry_client(self.url, self.timeout)
         pubsub = client.pubsub()
         subscribe = getattr(pubsub, self.flavour.subscribe)
@@ -379,9 +452,7 @@ class PubSubLink:
             if kind == message:
                 name = msg["channel"]
                 if name == probe:
-                    self._probe_seen = int(msg["data"])
-                    assert self._probe_event is not None
-                    self._probe_event.set()
+                    self._probe_returned(int(msg["data"]))
                     continue
                 try:
                     deliver(Publication(name[plen:].decode(), msg["data"]))
@@ -404,8 +475,19 @@ class PubSubLink:
                 if data == token and self._barrier is not None and not self._barrier.done():
                     self._barrier.set_result(None)
 
+    def _probe_returned(self, seq: int) -> None:
+        """The reader got probe ``seq`` back: record the round trip, wake the probe task."""
+        self._probe_seen = seq
+        sent = self._probe_sent_at
+        if seq == self._probe_sent and sent is not None:
+            self._probe_rtt = time.monotonic() - sent
+            self._probe_sent_at = None
+        assert self._probe_event is not None
+        self._probe_event.set()
+
     async def _probe(self, client: aioredis.Redis, probe: bytes) -> None:
-        """Publish a sequence number to our probe channel; it must come back in time."""
+        """Publish a sequence number to our probe channel; it must come back in time. Its
+        round trip is the link's :attr:`lag`."""
         assert self._probe_event is not None
         loop = asyncio.get_running_loop()
         publish = getattr(client, self.flavour.publish)
@@ -414,6 +496,7 @@ class PubSubLink:
             await asyncio.sleep(self.probe_interval)
             seq += 1
             deadline = loop.time() + self.timeout
+            self._probe_sent, self._probe_sent_at = seq, time.monotonic()
             try:
                 await asyncio.wait_for(publish(probe, str(seq)), self.timeout)
                 while self._probe_seen < seq:

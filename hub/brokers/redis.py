@@ -62,6 +62,15 @@ class RedisBroker(Broker):
     def reconnects(self) -> int:
         return self._link.reconnects
 
+    @property
+    def connect_attempts(self) -> int:
+        return self._link.connect_attempts
+
+    @property
+    def lag(self) -> float:
+        """See :attr:`hub.brokers.link.PubSubLink.lag`."""
+        return self._link.lag
+
     def is_live(self, channel: str) -> bool:
         return self._link.is_live(channel)
 

@@ -57,6 +57,14 @@ class ShardedBroker(Broker):
     def reconnects(self) -> int:
         return sum(shard.reconnects for shard in self.shards)
 
+    @property
+    def connect_attempts(self) -> int:
+        return sum(shard.connect_attempts for shard in self.shards)
+
+    @property
+    def lag(self) -> float:
+        return max(shard.lag for shard in self.shards)
+
     def is_live(self, channel: str) -> bool:
         return self._shard(channel).is_live(channel)
 
