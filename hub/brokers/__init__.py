@@ -14,7 +14,7 @@ The Redis ones compose the link engine of :mod:`hub.brokers.link`.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .base import Broker, BrokerHandler, Publication, StreamPosition
@@ -49,15 +49,18 @@ def __getattr__(name: str) -> Any:
 
 
 def create_broker(urls: Sequence[str] = (), *, cluster: bool = False, prefix: str = "hub:",
-                  probe_interval: float = 1.0, probe_timeout: float = 2.0) -> Broker:
+                  probe_interval: float = 1.0, probe_timeout: float = 2.0,
+                  history: Callable[[str], bool] | None = None) -> Broker:
     """An unbound broker for ``urls`` (redis-py URLs; ``redis://`` or ``rediss://`` for TLS).
 
     No URL: :class:`MemoryBroker`. One: :class:`RedisBroker`. Several: a
     :class:`ShardedBroker` of one RedisBroker per URL, in that order. ``cluster=True``: the one
     URL is a seed node of a Redis Cluster (:class:`ClusterBroker`). ``prefix`` is the Redis
     channel prefix; ``probe_interval`` and ``probe_timeout`` are seconds (see
-    :class:`RedisBroker`). Raises :class:`ValueError` for ``cluster=True`` without exactly one
-    URL.
+    :class:`RedisBroker`). ``history`` tells the channels that keep a history (their history
+    messages are subscribed too, with offsets; the memory broker gets them from its
+    :class:`hub.history.MemoryHistory`). Raises :class:`ValueError` for ``cluster=True``
+    without exactly one URL.
     """
     if cluster:
         if len(urls) != 1:
@@ -65,7 +68,7 @@ def create_broker(urls: Sequence[str] = (), *, cluster: bool = False, prefix: st
         from .cluster import ClusterBroker
 
         return ClusterBroker(urls[0], prefix=prefix, probe_interval=probe_interval,
-                             probe_timeout=probe_timeout)
+                             probe_timeout=probe_timeout, history=history)
     if not urls:
         from .memory import MemoryBroker
 
@@ -73,7 +76,7 @@ def create_broker(urls: Sequence[str] = (), *, cluster: bool = False, prefix: st
     from .redis import RedisBroker
 
     shards = [RedisBroker(url, prefix=prefix, probe_interval=probe_interval,
-                          probe_timeout=probe_timeout) for url in urls]
+                          probe_timeout=probe_timeout, history=history) for url in urls]
     if len(shards) == 1:
         return shards[0]
     from .sharded import ShardedBroker

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Callable
 from urllib.parse import urlsplit, urlunsplit
 
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
@@ -76,8 +77,10 @@ class ClusterBroker(Broker):
     """
 
     def __init__(self, seed_url: str, *, prefix: str = "hub:", probe_interval: float = 1.0,
-                 probe_timeout: float = 2.0) -> None:
+                 probe_timeout: float = 2.0,
+                 history: Callable[[str], bool] | None = None) -> None:
         super().__init__()
+        self.history = history
         self.seed_url = seed_url
         self.name = redact_url(seed_url)
         self.prefix = prefix.encode()
@@ -315,7 +318,8 @@ class ClusterBroker(Broker):
             host, _, port = node.rpartition(":")
             link = self.links[node] = PubSubLink(
                 node_url(self.seed_url, host, int(port)), self, prefix=self.prefix,
-                probe_interval=self.probe_interval, timeout=self.timeout, flavour=SHARDED)
+                probe_interval=self.probe_interval, timeout=self.timeout, flavour=SHARDED,
+                history=self.history)
             link.start(deliver)
         self.state_changed()
         for channel in list(self._want):

@@ -46,6 +46,7 @@ from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import RedisError, ResponseError
 
+from ..history.base import parse_history_message
 from .base import Publication
 
 __all__ = [
@@ -105,6 +106,10 @@ class Backoff:
     def is_fast(self, outage: float) -> bool:
         """True while ``outage`` seconds old is still in the fast phase."""
         return outage < self.fast_for
+
+
+def _no_history(channel: str) -> bool:
+    return False
 
 
 def redact_url(url: str) -> str:
@@ -221,11 +226,18 @@ class PubSubLink:
     ``url`` is a redis-py URL (``redis://[user:password@]host:port/db``, ``rediss://`` for
     TLS); ``prefix`` the Redis channel prefix (bytes); ``probe_interval`` and ``timeout`` are
     seconds (``timeout`` bounds connecting, every command and the probe's round trip).
+    ``history`` tells the channels that keep a history: for those the link also subscribes
+    their history channel ``{<prefix><channel>}:h`` (docs/protocol.md section 6), whose
+    messages it hands over with their offset and epoch, and a channel is live once both of its
+    subscriptions are confirmed.
     """
 
     def __init__(self, url: str, owner: LinkOwner, *, prefix: bytes, probe_interval: float,
-                 timeout: float, flavour: Flavour = PUBSUB) -> None:
+                 timeout: float, flavour: Flavour = PUBSUB,
+                 history: Callable[[str], bool] | None = None) -> None:
         self.url = url
+        self.history = history or _no_history
+        self._confirmed: set[bytes] = set()  # Redis channels confirmed on this connection
         self.name = redact_url(url)
         self.prefix = prefix
         self.flavour = flavour
@@ -292,6 +304,20 @@ class PubSubLink:
         """The Redis channel of hub channel ``channel``."""
         return self.prefix + channel.encode()
 
+    def keys(self, channel: str) -> list[bytes]:
+        """Every Redis channel the link subscribes for ``channel``: its own, and its history
+        channel ``{<prefix><channel>}:h`` when it keeps a history."""
+        key = self.prefix + channel.encode()
+        if self.history(channel):
+            return [key, b"{" + key + b"}:h"]
+        return [key]
+
+    def _channel_of(self, name: bytes) -> str:
+        """The hub channel of Redis channel ``name`` (its own or its history channel)."""
+        if name.startswith(b"{") and name.endswith(b"}:h"):
+            name = name[1:-3]
+        return name[len(self.prefix):].decode(errors="replace")
+
     # -- commands --------------------------------------------------------------------------
 
     def start(self, deliver: Callable[[Publication], None]) -> None:
@@ -311,12 +337,14 @@ class PubSubLink:
     async def subscribe(self, channel: str) -> None:
         """Send (S)SUBSCRIBE on the current connection, if any; the confirmation arrives
         through :meth:`LinkOwner.confirmed`. Never raises: see :meth:`_send`."""
-        await self._send(self.flavour.subscribe, self.key(channel))
+        await self._send(self.flavour.subscribe, *self.keys(channel))
 
     async def unsubscribe(self, channel: str) -> None:
         """Take ``channel`` out of :attr:`live` now and send (S)UNSUBSCRIBE. Never raises."""
         self._live.discard(channel)
-        await self._send(self.flavour.unsubscribe, self.key(channel))
+        keys = self.keys(channel)
+        self._confirmed.difference_update(keys)
+        await self._send(self.flavour.unsubscribe, *keys)
 
     async def publish(self, channel: str, payload: bytes) -> int:
         """(S)PUBLISH ``payload`` on the command connection within :attr:`timeout` seconds;
@@ -331,16 +359,16 @@ class PubSubLink:
         command = getattr(client, self.flavour.publish)
         return int(await asyncio.wait_for(command(self.key(channel), payload), self.timeout))
 
-    async def _send(self, command: str, key: bytes) -> None:
+    async def _send(self, command: str, *keys: bytes) -> None:
         """Send (S)SUBSCRIBE/(S)UNSUBSCRIBE on the current connection, if any; a failure is
         left to the reader and the probe, which rebuild the link and resubscribe."""
         pubsub = self._pubsub
         if pubsub is None:
             return
         try:
-            await getattr(pubsub, command)(key)
+            await getattr(pubsub, command)(*keys)
         except (RedisError, OSError) as exc:
-            logger.debug("redis %s: %s %r failed: %s", self.name, command, key, exc)
+            logger.debug("redis %s: %s %r failed: %s", self.name, command, keys, exc)
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -399,7 +427,7 @@ class PubSubLink:
         await asyncio.wait_for(subscribe(probe), self.timeout)
         self._pubsub = pubsub
         wanted = owner.wanted(self)
-        for keys in self._group([self.key(c) for c in wanted]):
+        for keys in self._group([k for c in wanted for k in self.keys(c)]):
             await asyncio.wait_for(subscribe(*keys), self.timeout)
         for channel in owner.wanted(self) - wanted:  # added while we subscribed
             await self.subscribe(channel)
@@ -435,8 +463,9 @@ class PubSubLink:
         """The one reader of the link. Hands messages to ``deliver`` without awaiting."""
         deliver = self._deliver
         assert deliver is not None, "start() first"
-        owner, live = self._owner, self._live
+        owner, live, confirmed = self._owner, self._live, self._confirmed
         plen = len(self.prefix)
+        prefix = self.prefix.decode()
         get_message = pubsub.get_message
         flavour = self.flavour
         message, subscribed, unsubscribed = flavour.message, flavour.subscribe, flavour.unsubscribe
@@ -455,17 +484,30 @@ class PubSubLink:
                     self._probe_returned(int(msg["data"]))
                     continue
                 try:
-                    deliver(Publication(name[plen:].decode(), msg["data"]))
+                    if name[:1] == b"{":
+                        try:
+                            publication = parse_history_message(name, msg["data"],
+                                                                prefix=prefix)
+                        except ValueError as exc:  # not the hub's function: skip it
+                            logger.debug("redis %s: %s", self.name, exc)
+                            continue
+                        deliver(publication)
+                    else:
+                        deliver(Publication(name[plen:].decode(), msg["data"]))
                 except Exception:  # one bad message must not deafen the hub
                     logger.exception("redis %s: delivery failed", self.name)
             elif kind == subscribed:
-                if msg["channel"] != probe:
-                    channel = msg["channel"][plen:].decode(errors="replace")
-                    if owner.carries(self, channel):
+                name = msg["channel"]
+                if name != probe:
+                    channel = self._channel_of(name)
+                    confirmed.add(name)
+                    if (owner.carries(self, channel)
+                            and confirmed.issuperset(self.keys(channel))):
                         live.add(channel)
                         owner.confirmed(self, channel)
             elif kind == unsubscribed:
-                channel = msg["channel"][plen:].decode(errors="replace")
+                confirmed.discard(msg["channel"])
+                channel = self._channel_of(msg["channel"])
                 if owner.dropped(self, channel):
                     live.discard(channel)
             elif kind == "pong":
@@ -511,6 +553,7 @@ class PubSubLink:
         self._ready = False
         self._owner.link_lost(self, was_ready)
         self._live.clear()
+        self._confirmed.clear()
         pubsub, client = self._pubsub, self._client
         self._pubsub = self._client = None
         for closer in (pubsub, client):

@@ -53,6 +53,13 @@ class MemoryBroker(Broker):
         self._loop.call_soon(self._deliver, Publication(channel, payload))
         return 1
 
+    def inject(self, publication: Publication) -> None:
+        """Deliver ``publication`` (a history publication with its offset, from
+        :class:`hub.history.MemoryHistory`'s ``on_publish``) as a publish would: on the next
+        loop iteration, if the channel is subscribed."""
+        if publication.channel in self._subscribed and self._loop is not None:
+            self._loop.call_soon(self._deliver, publication)
+
     def _deliver(self, publication: Publication) -> None:
         if publication.channel in self._subscribed:
             self.handler.on_publication(publication)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 
 from redis.exceptions import RedisError, ResponseError
 
@@ -33,14 +34,17 @@ class RedisBroker(Broker):
     TLS); ``prefix`` the Redis channel prefix; ``probe_interval`` the seconds between liveness
     probes and ``probe_timeout`` the seconds a probe, a connect or a command may take. The
     probe channel is ``<prefix>$probe:<random id>``, which no client can name since ``$`` is
-    not a channel character.
+    not a channel character. ``history`` tells the channels that keep a history: the link
+    also subscribes their history channel (:class:`PubSubLink`).
     """
 
     def __init__(self, url: str, *, prefix: str = "hub:", probe_interval: float = 1.0,
-                 probe_timeout: float = 2.0) -> None:
+                 probe_timeout: float = 2.0,
+                 history: Callable[[str], bool] | None = None) -> None:
         super().__init__()
         self._link = PubSubLink(url, self, prefix=prefix.encode(),
-                                probe_interval=probe_interval, timeout=probe_timeout)
+                                probe_interval=probe_interval, timeout=probe_timeout,
+                                history=history)
         self.name = self._link.name
         self._probe_channel = prefix.encode() + b"$probe:" + uuid.uuid4().hex.encode()
         self._want: set[str] = set()

@@ -12,8 +12,10 @@ docs/history-format.md is the Redis contract.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..brokers.base import Publication
 from .base import (
     IDEMPOTENCY_TTL,
     META_TTL,
@@ -28,6 +30,7 @@ from .base import (
 if TYPE_CHECKING:
     from .memory import MemoryHistory
     from .redis import RedisHistory, ensure_functions, functions_on_connect
+    from .sharded import ShardedHistory
 
 __all__ = [
     "IDEMPOTENCY_TTL",
@@ -36,6 +39,8 @@ __all__ = [
     "HistoryRead",
     "MemoryHistory",
     "RedisHistory",
+    "ShardedHistory",
+    "create_history",
     "ensure_functions",
     "format_history_message",
     "functions_on_connect",
@@ -45,7 +50,7 @@ __all__ = [
 ]
 
 _LAZY = {"MemoryHistory": "memory", "RedisHistory": "redis", "ensure_functions": "redis",
-         "functions_on_connect": "redis"}
+         "functions_on_connect": "redis", "ShardedHistory": "sharded"}
 
 
 def __getattr__(name: str) -> Any:
@@ -53,3 +58,43 @@ def __getattr__(name: str) -> Any:
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return getattr(importlib.import_module(f".{module}", __name__), name)
+
+
+def create_history(urls: Sequence[str] = (), *, cluster: bool = False, prefix: str = "hub:",
+                   timeout: float = 2.0,
+                   on_publish: Callable[[Publication], None] | None = None) -> History:
+    """The history store matching :func:`hub.brokers.create_broker` for the same ``urls``.
+
+    No URL: a :class:`MemoryHistory` whose publications go to ``on_publish`` (the memory
+    broker's ``inject``). One URL: a :class:`RedisHistory` on its own client. Several: a
+    :class:`ShardedHistory` of one per URL, in that order. ``cluster=True``: one store on a
+    Redis Cluster client (the one URL is a seed node). Every Redis client has ``timeout``
+    seconds per command and no automatic retries (a publish is never sent twice; the store
+    retries a read itself).
+    """
+    if not urls:
+        from .memory import MemoryHistory
+
+        return MemoryHistory(on_publish=on_publish)
+    import redis.asyncio as aioredis
+    from redis.asyncio.cluster import RedisCluster
+
+    from .redis import RedisHistory
+
+    def store(client: Any) -> History:
+        history = RedisHistory(client, prefix=prefix)
+        history.owns_client = True
+        return history
+
+    if cluster:
+        return store(RedisCluster.from_url(urls[0], socket_timeout=timeout,
+                                           socket_connect_timeout=timeout, retry=None,
+                                           cluster_error_retry_attempts=0))
+    stores = [store(aioredis.Redis.from_url(url, socket_timeout=timeout,
+                                            socket_connect_timeout=timeout, retry=None))
+              for url in urls]
+    if len(stores) == 1:
+        return stores[0]
+    from .sharded import ShardedHistory
+
+    return ShardedHistory(stores)

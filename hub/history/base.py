@@ -111,6 +111,10 @@ class History(abc.ABC):
         (``ttl`` as there). Raises :class:`ValueError` for ``limit < 0``.
         """
 
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Prepare the store (Redis: load the function library, never downgrading it).
+        Never raises for an unreachable Redis: the library is loaded again on first use."""
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release what the store holds (the Redis store does not own its client)."""
 

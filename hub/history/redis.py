@@ -19,6 +19,7 @@ command on a pooled connection that Redis closed fails).
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import secrets
 import time
@@ -29,7 +30,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..brokers.base import Publication, StreamPosition
@@ -38,6 +39,8 @@ from .base import META_TTL, History, HistoryRead
 __all__ = ["LIBRARY_CODE", "LIBRARY_NAME", "LIBRARY_VERSION", "RedisHistory",
            "ensure_functions", "functions_on_connect", "library_version",
            "loaded_version"]
+
+logger = logging.getLogger("hub.history")
 
 #: The Lua text of the library (``hub/history/functions.lua``).
 LIBRARY_CODE: str = resources.files(__package__).joinpath("functions.lua").read_text("utf-8")
@@ -191,10 +194,25 @@ class RedisHistory(History):
         self.meta_ttl = meta_ttl
         self._loading: asyncio.Lock = asyncio.Lock()
         self.loads = 0  # times the library was (re)loaded by this store
+        #: True when :meth:`close` closes ``client`` (set by :func:`hub.history.create_history`).
+        self.owns_client = False
 
     def key(self, channel: str) -> str:
         """The declared key of ``channel``: ``<prefix><channel>``."""
         return self.prefix + channel
+
+    async def start(self) -> None:
+        """Load the function library now if it is absent or older (:func:`ensure_functions`);
+        an unreachable Redis is logged and left to the first call."""
+        try:
+            await self.ensure_functions()
+        except (RedisError, OSError) as exc:
+            logger.info("history: function library not loaded yet (%s)", exc)
+
+    async def close(self) -> None:
+        """Close the client when this store owns it (``owns_client``)."""
+        if self.owns_client:
+            await self.client.aclose()
 
     async def ensure_functions(self) -> int:
         """:func:`ensure_functions` for this store's client, once at a time."""
