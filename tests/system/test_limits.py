@@ -22,8 +22,6 @@ from tests.helpers import (
     wait_until,
 )
 
-RECV_TIMEOUT = 5.0
-
 
 def assert_process_healthy(hub) -> None:
     assert hub.proc.poll() is None, hub.log_text()

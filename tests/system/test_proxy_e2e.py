@@ -39,6 +39,7 @@ from tests.helpers import (
     NGINX,
     free_port,
     make_token,
+    metric,
     nginx_command,
     open_ws,
     recv_json,
@@ -121,12 +122,6 @@ class Client:
             self.subscribed.clear()
 
 
-def hub_connections(hub) -> int:
-    status, body = hub.http_get("/metrics")
-    assert status == 200, status
-    return int(float(re.search(rb"^hub_connections (\S+)$", body, re.MULTILINE).group(1)))
-
-
 def http_status(url: str) -> int | None:
     try:
         with urllib.request.urlopen(url, timeout=2) as resp:
@@ -194,7 +189,7 @@ async def failover(kind: str, proxy, redis_server, hub_factory) -> None:
     try:
         await wait_until_async(lambda: all(c.subscribed.is_set() for c in clients), 60,
                                what=f"{CLIENTS} clients subscribed through {kind}")
-        counts = [hub_connections(hub) for hub in hubs]
+        counts = [int(metric(hub, "hub_connections")) for hub in hubs]
         assert sum(counts) == CLIENTS, counts
         # Least connections: every hub got a fair share.
         assert min(counts) >= CLIENTS // 6, counts
@@ -216,7 +211,7 @@ async def failover(kind: str, proxy, redis_server, hub_factory) -> None:
                                            for c in clients), 20,
                                what="every client to receive the last message")
         # The survivors now hold every client.
-        assert sum(hub_connections(hub) for hub in hubs[1:]) == CLIENTS
+        assert sum(int(metric(hub, "hub_connections")) for hub in hubs[1:]) == CLIENTS
     finally:
         for task in tasks:
             task.cancel()
@@ -302,7 +297,7 @@ async def test_nginx_carries_more_clients_than_debians_default(
             failed = [r for r in results if isinstance(r, BaseException)]
             assert not failed, (f"{len(failed)} of {MANY_CLIENTS} clients failed through nginx,"
                                 f" first: {failed[0]!r}\n{_read(tmp_path / 'nginx' / 'error.log')}")
-            assert sum(hub_connections(hub) for hub in hubs) == MANY_CLIENTS
+            assert sum(int(metric(hub, "hub_connections")) for hub in hubs) == MANY_CLIENTS
 
             publisher = redis.asyncio.Redis.from_url(redis_server.url)
             try:

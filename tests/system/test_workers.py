@@ -32,6 +32,7 @@ from tests.helpers import (
     recv_json,
     run_python,
     subscribe,
+    wait_until,
     wait_until_async,
 )
 
@@ -374,10 +375,8 @@ def test_a_killed_supervisor_takes_its_workers_along():
         proc.kill()
         proc.wait(10)  # not communicate(): surviving workers would hold its stderr open
         # PR_SET_PDEATHSIG: the kernel SIGKILLs each worker when the supervisor dies.
-        deadline = time.monotonic() + 10
-        while not all(exited(w) for w in workers) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert all(exited(w) for w in workers)
+        wait_until(lambda: all(exited(w) for w in workers), 10, interval=0.1,
+                   what="every worker gone with its supervisor")
     finally:
         for worker in workers:
             if not exited(worker):
