@@ -42,7 +42,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from .lean import LeanConnection, lean_connect
 from .procs import raise_nofile
 
-__all__ = ["PROTOCOLS", "worker_main"]
+__all__ = ["PROTOCOLS", "decode_ceiling", "decode_hub", "decode_socketio", "fields", "worker_main"]
 
 Decoded = tuple[int, float] | None  # (run, publish time.time()) of a delivery, None otherwise
 
@@ -61,7 +61,7 @@ def _payload(data: dict) -> Decoded:
     return data["r"], data["t"]
 
 
-def _fields(raw: bytes) -> Decoded:
+def fields(raw: bytes) -> Decoded:
     """``(r, t)`` of the bench payload inside ``raw`` without a JSON parse.
 
     The publisher writes ``{"r":R,"s":S,"t":T,"p":"xx.."}`` (bench.publisher); the servers
@@ -83,8 +83,8 @@ async def _join_ceiling(ws: Any, index: int) -> None:
     return None
 
 
-def _decode_ceiling(raw: bytes) -> Decoded:
-    return _fields(raw) or _payload(orjson.loads(raw))
+def decode_ceiling(raw: bytes) -> Decoded:
+    return fields(raw) or _payload(orjson.loads(raw))
 
 
 # hub: {"op":"subscribe"} then {"type":"ack"}; deliveries are {"type":"message",...}.
@@ -98,9 +98,9 @@ async def _join_hub(ws: Any, index: int) -> None:
             raise RuntimeError(f"hub refused the subscription: {frame}")
 
 
-def _decode_hub(raw: bytes) -> Decoded:
+def decode_hub(raw: bytes) -> Decoded:
     if raw.startswith(b'{"type":"message",'):  # the hub's documented frame (protocol.md)
-        return _fields(raw) or _payload(orjson.loads(raw)["data"])
+        return fields(raw) or _payload(orjson.loads(raw)["data"])
     return None
 
 
@@ -120,10 +120,10 @@ async def _join_socketio(ws: Any, index: int) -> None:
             raise RuntimeError(f"Socket.IO connect refused: {frame[:200]!r}")
 
 
-def _decode_socketio(raw: bytes) -> Decoded:
+def decode_socketio(raw: bytes) -> Decoded:
     if not raw.startswith(b'42["msg",'):
         return None
-    return _fields(raw) or _payload(orjson.loads(raw[2:])[1])
+    return fields(raw) or _payload(orjson.loads(raw[2:])[1])
 
 
 def _answer_socketio(raw: bytes) -> bytes | None:
@@ -135,10 +135,10 @@ def _no_answer(raw: bytes) -> None:
 
 
 PROTOCOLS: dict[str, Protocol] = {
-    "ceiling": Protocol("/", _join_ceiling, _decode_ceiling, _no_answer),
-    "hub": Protocol("/ws?user=bench{index}", _join_hub, _decode_hub, _no_answer),
+    "ceiling": Protocol("/", _join_ceiling, decode_ceiling, _no_answer),
+    "hub": Protocol("/ws?user=bench{index}", _join_hub, decode_hub, _no_answer),
     "socketio": Protocol("/socket.io/?EIO=4&transport=websocket", _join_socketio,
-                         _decode_socketio, _answer_socketio),
+                         decode_socketio, _answer_socketio),
 }
 
 

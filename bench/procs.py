@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 
 import psutil
+import redis
 
 __all__ = [
     "RedisServer",
@@ -121,22 +122,94 @@ def rss_bytes(procs: Sequence[psutil.Process]) -> int:
 
 
 class RedisServer:
-    """A private ``redis-server`` on a free loopback port, no persistence."""
+    """A private ``redis-server`` on a loopback port (a free one unless ``port`` is given), no
+    persistence unless ``extra`` asks for it; its files and log under a fresh directory inside
+    ``workdir``.
 
-    def __init__(self, workdir: str) -> None:
-        self.port = free_port()
+    Shared by the bench and the test suite (tests/helpers.py), which also kills it (SIGKILL),
+    freezes it (SIGSTOP) and starts it again on the same port with the same options.
+    :meth:`start` returns once the server answers PING; the server runs in its own session.
+    """
+
+    def __init__(self, workdir: str | os.PathLike[str], port: int | None = None,
+                 extra: Sequence[str] = ()) -> None:
+        self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._dir = tempfile.mkdtemp(prefix="redis-", dir=workdir)
+        self.extra = tuple(extra)
+        os.makedirs(workdir, exist_ok=True)
+        self.dir = tempfile.mkdtemp(prefix=f"redis-{self.port}-", dir=workdir)
+        self.log_path = os.path.join(self.dir, "redis.log")
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        """Start the server (again, after :meth:`kill`) on the same port with the same options;
+        return when it answers PING. Raises RuntimeError when it exits first, TimeoutError
+        after 10 s."""
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         self.proc = start([binary, "--port", str(self.port), "--bind", "127.0.0.1",
-                           "--save", "", "--appendonly", "no", "--dir", self._dir],
-                          log_path=os.path.join(self._dir, "redis.log"))
+                           "--save", "", "--appendonly", "no", "--dir", self.dir, *self.extra],
+                          log_path=self.log_path)
         try:
-            wait_port(self.port, 10, self.proc)
+            self._wait_pong(10)
         except BaseException:
-            self.close()
+            self.kill()
             raise
 
+    def _wait_pong(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server on {self.port} exited with "
+                                   f"{self.proc.returncode} (log: {self.log_path})")
+            with contextlib.suppress(OSError), \
+                    socket.create_connection(("127.0.0.1", self.port), 0.5) as s:
+                s.settimeout(0.5)
+                s.sendall(b"PING\r\n")
+                if s.recv(64).startswith(b"+PONG"):
+                    return
+            time.sleep(0.05)
+        raise TimeoutError(f"redis-server on 127.0.0.1:{self.port} not answering PING after "
+                           f"{timeout} s (log: {self.log_path})")
+
+    def kill(self) -> None:
+        """SIGKILL the server (thawed first if frozen) and wait for it to exit."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGCONT)
+                self.proc.kill()
+            self.proc.wait(10)
+
+    def restart(self) -> None:
+        """:meth:`kill`, then :meth:`start` on the same port."""
+        self.kill()
+        self.start()
+
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP): connections stay open, nothing is answered."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Thaw a :meth:`pause`d server (SIGCONT)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
     def close(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after a grace period) and remove its
+        directory."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGCONT)
         stop(self.proc)
-        shutil.rmtree(self._dir, ignore_errors=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def client(self, timeout: float = 5.0) -> redis.Redis:
+        """A redis-py client of this server."""
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=timeout,
+                           socket_connect_timeout=timeout)
+
+    def numsub(self, channel: str) -> int:
+        """PUBSUB NUMSUB of ``channel``: how many connections subscribe to it."""
+        return dict(self.client().pubsub_numsub(channel)).get(channel.encode(), 0)

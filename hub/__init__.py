@@ -12,7 +12,7 @@ __all__ = ["AsyncPublisher", "Publisher", "__version__"]
 
 _SOURCE_VERSION = "0.1.0"
 """pyproject.toml's version: what ``__version__`` is when hub runs from a source tree that was
-never installed (tests/test_cli.py keeps the two equal)."""
+never installed (tests/system/test_cli.py keeps the two equal)."""
 
 try:
     __version__: str = version("hub-realtime")  # the distribution's name, not the package's

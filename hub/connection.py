@@ -4,7 +4,7 @@ fan-out, sending one frame, and close-or-abort.
 The node and the session see a connection through these functions and the attributes of
 :class:`HubConnection`; nothing else in hub reads ``protocol`` or ``transport``. The raw
 fan-out relies on details of websockets' asyncio implementation of major version 17
-(pyproject.toml pins ``websockets>=17,<18``; tests/unit/test_connection.py guards them).
+(pyproject.toml pins ``websockets>=17,<18``; tests/integration/test_connection.py guards them).
 """
 
 from __future__ import annotations

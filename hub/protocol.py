@@ -1,7 +1,7 @@
 """The wire format, sans-I/O: parse client frames, check channel names, build server frames.
 
 Everything here is pure: no sockets, no asyncio. docs/protocol.md is the contract this module
-implements; tests/test_protocol.py pins it.
+implements; tests/unit/test_protocol.py pins it.
 
 Client frames are UTF-8 JSON objects ``{"op": ..., "id": ...}`` (RFC 6455 section 5.6 text
 frames). Server frames are built as bytes once and sent as text frames.

@@ -8,39 +8,30 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import signal
 import socket
 import statistics
 import threading
 import time
 
-import jwt
 import pytest
 from websockets.exceptions import ConnectionClosed
 
 from hub import AsyncPublisher
-
-from .conftest import RedisServer, free_port
-from .wsutil import no_message, open_ws, recv_json, subscribe
+from tests.helpers import (
+    RedisServer,
+    free_port,
+    make_token,
+    metric,
+    no_message,
+    open_ws,
+    recv_json,
+    subscribe,
+    wait_for_status,
+    wait_until_async,
+)
 
 PROBE = ("--probe-interval", "0.5", "--probe-timeout", "1")
-
-
-def metric(hub, name: str) -> float:
-    status, body = hub.http_get("/metrics")
-    assert status == 200
-    match = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", body.decode(), re.M)
-    return float(match.group(1)) if match else 0.0
-
-
-async def wait_for_status(hub, path: str, status: int, timeout: float) -> float:
-    """Poll until ``path`` answers ``status``; return the seconds it took."""
-    start = time.monotonic()
-    while hub.http_get(path, timeout=0.5)[0] != status:
-        assert time.monotonic() - start < timeout, f"{path} never answered {status}"
-        await asyncio.sleep(0.02)
-    return time.monotonic() - start
 
 
 async def expect_gap(ws, channels: list[str], timeout: float = 20.0) -> None:
@@ -216,10 +207,12 @@ async def test_slow_consumer_is_closed_and_others_keep_receiving(redis_server, h
                 await asyncio.sleep(0.01)
     await asyncio.wait_for(asyncio.gather(*consumers), 60)
 
-    closed = await asyncio.to_thread(
-        lambda: _wait(lambda: metric(hub, "hub_slow_consumers_closed_total") == 1, 15))
+    closed = await wait_until_async(
+        lambda: metric(hub, "hub_slow_consumers_closed_total") == 1, 15,
+        what="hub_slow_consumers_closed_total 1")
     assert closed
-    await asyncio.to_thread(lambda: _wait(lambda: metric(hub, "hub_connections") == 5, 15))
+    await wait_until_async(lambda: metric(hub, "hub_connections") == 5, 15,
+                           what="hub_connections 5")
     latencies.sort()
     print(f"\nslow consumer closed; other clients' latency over {len(latencies)} deliveries: "
           f"p50 {statistics.median(latencies) * 1000:.1f} ms, "
@@ -234,24 +227,16 @@ async def test_slow_consumer_is_closed_and_others_keep_receiving(redis_server, h
         await ws.close()
 
 
-def _wait(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
-
-
 async def test_connection_stuck_in_closing_is_reaped(redis_server, hub_factory):
     secret = "s" * 40
     hub = hub_factory("--jwt-secret", secret, redis=redis_server)
     exp = int(time.time()) + 3
-    token = jwt.encode({"sub": "alice", "exp": exp}, secret, algorithm="HS256")
+    token = make_token(secret, "alice", exp=exp)
     ws = await open_ws(hub.ws_url + "?token=" + token)
     ws.transport.pause_reading()  # it will never answer the closing handshake
     assert metric(hub, "hub_connections") == 1
-    await asyncio.to_thread(lambda: _wait(lambda: metric(hub, "hub_connections") == 0, 20))
+    await wait_until_async(lambda: metric(hub, "hub_connections") == 0, 20,
+                           what="hub_connections 0")
     print(f"\nexpired connection that never answered the close was reaped "
           f"{time.time() - exp:.2f}s after its exp")
     assert time.time() >= exp - 1  # not before its expiry (1 s of clock rounding)

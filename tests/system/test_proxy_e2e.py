@@ -8,7 +8,7 @@ message published after their new subscription is acknowledged. The clients of t
 hubs see nothing of it: every message exactly once, in order, no drop, no error frame.
 
 The proxy runs in the foreground with a configuration rendered from deploy/nginx.conf or
-deploy/haproxy.cfg for loopback ports (tests/test_deploy_files.py: render_nginx,
+deploy/haproxy.cfg for loopback ports (tests/helpers.py: render_nginx,
 render_haproxy), every file it writes under the test's tmp_path.
 
 Two more checks of the shipped files: nginx carries more WebSocket clients than Debian's
@@ -29,16 +29,26 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import jwt
 import psutil
 import pytest
 import redis.asyncio
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-from tests.conftest import free_port, wait_until
-from tests.test_deploy_files import HAPROXY, NGINX, nginx_command, render_haproxy, write_nginx
-from tests.test_workers import until
-from tests.wsutil import open_ws, recv_json, subscribe
+from tests.helpers import (
+    HAPROXY,
+    NGINX,
+    free_port,
+    make_token,
+    metric,
+    nginx_command,
+    open_ws,
+    recv_json,
+    render_haproxy,
+    subscribe,
+    wait_until,
+    wait_until_async,
+    write_nginx,
+)
 
 CLIENTS = 300
 CHANNEL = "news"
@@ -112,12 +122,6 @@ class Client:
             self.subscribed.clear()
 
 
-def hub_connections(hub) -> int:
-    status, body = hub.http_get("/metrics")
-    assert status == 200, status
-    return int(float(re.search(rb"^hub_connections (\S+)$", body, re.MULTILINE).group(1)))
-
-
 def http_status(url: str) -> int | None:
     try:
         with urllib.request.urlopen(url, timeout=2) as resp:
@@ -183,9 +187,9 @@ async def failover(kind: str, proxy, redis_server, hub_factory) -> None:
     gate = asyncio.Semaphore(50)  # handshakes in flight at once
     tasks = [asyncio.create_task(c.run(gate)) for c in clients]
     try:
-        await until(lambda: all(c.subscribed.is_set() for c in clients), 60,
-                    f"{CLIENTS} clients subscribed through {kind}")
-        counts = [hub_connections(hub) for hub in hubs]
+        await wait_until_async(lambda: all(c.subscribed.is_set() for c in clients), 60,
+                               what=f"{CLIENTS} clients subscribed through {kind}")
+        counts = [int(metric(hub, "hub_connections")) for hub in hubs]
         assert sum(counts) == CLIENTS, counts
         # Least connections: every hub got a fair share.
         assert min(counts) >= CLIENTS // 6, counts
@@ -194,19 +198,20 @@ async def failover(kind: str, proxy, redis_server, hub_factory) -> None:
         hubs[0].kill()  # SIGKILL: its clients' connections drop at once
         # Keep publishing while the dropped clients come back.
         background = asyncio.create_task(publisher.publish_many(10_000))
-        await until(lambda: sum(c.drops for c in clients) >= counts[0], 20,
-                    f"the {counts[0]} clients of the killed hub to drop")
+        await wait_until_async(lambda: sum(c.drops for c in clients) >= counts[0], 20,
+                               what=f"the {counts[0]} clients of the killed hub to drop")
         dropped = [c for c in clients if c.drops]
-        await until(lambda: all(c.subscribed.is_set() for c in dropped), 30,
-                    "the dropped clients to subscribe again")
+        await wait_until_async(lambda: all(c.subscribed.is_set() for c in dropped), 30,
+                               what="the dropped clients to subscribe again")
         background.cancel()
         await asyncio.gather(background, return_exceptions=True)
         await publisher.publish_many(AFTER_RECONNECT)
         last = publisher.next - 1
-        await until(lambda: all(c.received and c.received[-1] == last for c in clients), 20,
-                    "every client to receive the last message")
+        await wait_until_async(lambda: all(c.received and c.received[-1] == last
+                                           for c in clients), 20,
+                               what="every client to receive the last message")
         # The survivors now hold every client.
-        assert sum(hub_connections(hub) for hub in hubs[1:]) == CLIENTS
+        assert sum(int(metric(hub, "hub_connections")) for hub in hubs[1:]) == CLIENTS
     finally:
         for task in tasks:
             task.cancel()
@@ -292,7 +297,7 @@ async def test_nginx_carries_more_clients_than_debians_default(
             failed = [r for r in results if isinstance(r, BaseException)]
             assert not failed, (f"{len(failed)} of {MANY_CLIENTS} clients failed through nginx,"
                                 f" first: {failed[0]!r}\n{_read(tmp_path / 'nginx' / 'error.log')}")
-            assert sum(hub_connections(hub) for hub in hubs) == MANY_CLIENTS
+            assert sum(int(metric(hub, "hub_connections")) for hub in hubs) == MANY_CLIENTS
 
             publisher = redis.asyncio.Redis.from_url(redis_server.url)
             try:
@@ -323,7 +328,7 @@ async def test_access_log_leaves_out_the_token(kind, proxy, hub_factory, tmp_pat
     hub = hub_factory("--jwt-secret", secret)
     port = proxy(kind, [hub.port])
     log = tmp_path / kind / ("access.log" if kind == "nginx" else "proxy.log")
-    token = jwt.encode({"sub": "alice"}, secret, algorithm="HS256")
+    token = make_token(secret, "alice", ttl=None)
     # A valid token: the handshake succeeds through the proxy; the line is logged at its end.
     async with open_ws(f"ws://127.0.0.1:{port}/ws?token={token}") as ws:
         await subscribe(ws, CHANNEL)

@@ -15,48 +15,27 @@ import time
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
-from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from .wsutil import open_ws, recv_json
+from tests.helpers import (
+    assert_alive,
+    handshake_status,
+    make_token,
+    open_ws,
+    recv_json,
+    send_recv,
+    wait_close,
+)
 
 SECRET = "security-test-secret-long-enough-for-hs512-" + "k" * 24  # 67 bytes
 OTHER_SECRET = "another-secret-that-is-also-32-bytes-long"
-
-
-def token(sub: object = "alice", secret: str = SECRET, algorithm: str = "HS256",
-          ttl: float | None = 300, **claims: object) -> str:
-    payload: dict = {"sub": sub, **claims}
-    if sub is None:
-        del payload["sub"]
-    if ttl is not None:
-        payload["exp"] = int(time.time() + ttl)
-    return jwt.encode(payload, secret, algorithm=algorithm)
 
 
 def b64(obj: dict) -> str:
     return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
 
 
-async def send_recv(ws, frame: dict | str | bytes, timeout: float = 5.0) -> dict:
-    """Send one frame and return the very next frame the hub sends back."""
-    await ws.send(json.dumps(frame) if isinstance(frame, dict) else frame)
-    return await recv_json(ws, timeout)
-
-
-async def assert_alive(ws, tag: object = "alive") -> None:
-    assert await send_recv(ws, {"op": "ping", "id": tag}) == {"type": "pong", "id": tag}
-
-
 async def subscribe_reply(ws, channel: str, cid: object = 1) -> dict:
     return await send_recv(ws, {"op": "subscribe", "channel": channel, "id": cid})
-
-
-async def handshake_status(url: str, **kwargs) -> int:
-    """The HTTP status of a refused handshake (fails the test if it is accepted)."""
-    with pytest.raises(InvalidStatus) as info:
-        async with open_ws(url, **kwargs):
-            pass
-    return info.value.response.status_code
 
 
 async def user_of(ws) -> str | None:
@@ -283,23 +262,24 @@ def jwt_hub(hub_factory):
 
 async def test_jwt_bearer_header_and_query_token_both_work(jwt_hub):
     async with open_ws(jwt_hub.ws_url, additional_headers={
-            "Authorization": f"Bearer {token('alice')}"}) as ws:
+            "Authorization": f"Bearer {make_token(SECRET, 'alice')}"}) as ws:
         assert await user_of(ws) == "alice"
-    async with open_ws(f"{jwt_hub.ws_url}?token={token('bob')}") as ws:
+    async with open_ws(f"{jwt_hub.ws_url}?token={make_token(SECRET, 'bob')}") as ws:
         assert await user_of(ws) == "bob"
     async with open_ws(jwt_hub.ws_url, additional_headers={
-            "Authorization": f"bearer {token('alice')}"}) as ws:  # the scheme is case-blind
+            # the scheme is case-blind
+            "Authorization": f"bearer {make_token(SECRET, 'alice')}"}) as ws:
         assert await user_of(ws) == "alice"
 
 
 async def test_jwt_header_wins_over_query(jwt_hub):
-    url = f"{jwt_hub.ws_url}?token={token('bob')}"
+    url = f"{jwt_hub.ws_url}?token={make_token(SECRET, 'bob')}"
     async with open_ws(url, additional_headers={
-            "Authorization": f"Bearer {token('alice')}"}) as ws:
+            "Authorization": f"Bearer {make_token(SECRET, 'alice')}"}) as ws:
         assert await user_of(ws) == "alice"
     # A bad header token is not rescued by a good query token.
     assert await handshake_status(url, additional_headers={
-        "Authorization": f"Bearer {token('alice', secret=OTHER_SECRET)}"}) == 401
+        "Authorization": f"Bearer {make_token(OTHER_SECRET, 'alice')}"}) == 401
     # A header with another scheme is no token: the query one is used.
     async with open_ws(url, additional_headers={"Authorization": "Basic YTpi"}) as ws:
         assert await user_of(ws) == "bob"
@@ -311,43 +291,43 @@ def rs256_token() -> str:
 
 
 def bad_tokens() -> dict[str, str]:
-    good = token("alice")
+    good = make_token(SECRET, "alice")
     header, payload, signature = good.split(".")
     exp = int(time.time()) + 300
     return {
-        "forged": token("alice", secret=OTHER_SECRET),
-        "expired": token("alice", ttl=-30),
+        "forged": make_token(OTHER_SECRET, "alice"),
+        "expired": make_token(SECRET, "alice", ttl=-30),
         "alg none": jwt.encode({"sub": "alice", "exp": exp}, "", algorithm="none"),
         "alg None, hand-made": b64({"alg": "None", "typ": "JWT"}) + "."
         + b64({"sub": "alice", "exp": exp}) + ".",
         "alg none with a signature": b64({"alg": "none"}) + "." + b64({"sub": "alice"}) + "."
         + signature,
         "RS256": rs256_token(),
-        "HS512 with the right secret": token("alice", algorithm="HS512"),
-        "HS384 with the right secret": token("alice", algorithm="HS384"),
+        "HS512 with the right secret": make_token(SECRET, "alice", algorithm="HS512"),
+        "HS384 with the right secret": make_token(SECRET, "alice", algorithm="HS384"),
         "tampered sub": header + "." + b64({"sub": "bob", "exp": exp}) + "." + signature,
         "no signature": header + "." + payload + ".",
         "garbage": "not-a-jwt",
         "two parts": header + "." + payload,
-        "sub missing": token(None),
-        "sub number": token(123),
-        "sub list": token(["alice"]),
+        "sub missing": make_token(SECRET, None),
+        "sub number": make_token(SECRET, 123),
+        "sub list": make_token(SECRET, ["alice"]),
         "sub null": jwt.encode({"sub": None, "exp": exp}, SECRET, algorithm="HS256"),
-        "sub with a space": token("alice bob"),
-        "sub too long": token("a" * 124),
-        "channels not a list": token("alice", channels="private:*"),
-        "channels of numbers": token("alice", channels=[1, 2]),
+        "sub with a space": make_token(SECRET, "alice bob"),
+        "sub too long": make_token(SECRET, "a" * 124),
+        "channels not a list": make_token(SECRET, "alice", channels="private:*"),
+        "channels of numbers": make_token(SECRET, "alice", channels=[1, 2]),
         "exp not a number": jwt.encode({"sub": "alice", "exp": "soon"}, SECRET,
                                        algorithm="HS256"),
-        "not yet valid": token("alice", nbf=int(time.time()) + 3600),
+        "not yet valid": make_token(SECRET, "alice", nbf=int(time.time()) + 3600),
     }
 
 
 async def test_jwt_bad_tokens_get_401_without_upgrade(jwt_hub):
     # No token at all is no longer a 401: the connection is pending in-band authentication
-    # (tests/test_inband_auth.py); a header of another scheme is no token either.
+    # (tests/system/test_inband_auth.py); a header of another scheme is no token either.
     for headers in ({}, {"Authorization": "Basic YTpi"},
-                    {"Authorization": "Token " + token("alice")}):
+                    {"Authorization": "Token " + make_token(SECRET, "alice")}):
         async with open_ws(jwt_hub.ws_url, additional_headers=headers) as ws:
             code, _ = await wait_close(ws, timeout=15)  # sent nothing: authentication timeout
             assert code == 4005, headers
@@ -360,25 +340,25 @@ async def test_jwt_bad_tokens_get_401_without_upgrade(jwt_hub):
         assert await handshake_status(jwt_hub.ws_url, additional_headers={
             "Authorization": f"Bearer {bad}"}) == 401, what
         assert await handshake_status(f"{jwt_hub.ws_url}?token={bad}") == 401, what
-    async with open_ws(f"{jwt_hub.ws_url}?token={token('alice')}") as ws:
+    async with open_ws(f"{jwt_hub.ws_url}?token={make_token(SECRET, 'alice')}") as ws:
         await assert_alive(ws)
     assert_clean_log(jwt_hub)
 
 
 async def test_jwt_empty_sub_gets_401(jwt_hub):
-    assert await handshake_status(f"{jwt_hub.ws_url}?token={token('')}") == 401
+    assert await handshake_status(f"{jwt_hub.ws_url}?token={make_token(SECRET, '')}") == 401
 
 
 def sized_token(length: int) -> str:
     """A valid token for alice of exactly ``length`` characters."""
     pad = 0
-    tok = token("alice", pad="")
+    tok = make_token(SECRET, "alice", pad="")
     while len(tok) < length:
         pad += max(1, (length - len(tok)) * 3 // 4)
-        tok = token("alice", pad="p" * pad)
+        tok = make_token(SECRET, "alice", pad="p" * pad)
         while len(tok) > length:
             pad -= 1
-            tok = token("alice", pad="p" * pad)
+            tok = make_token(SECRET, "alice", pad="p" * pad)
     assert len(tok) == length, (len(tok), length)
     return tok
 
@@ -389,28 +369,28 @@ async def test_jwt_longer_than_4096_characters_is_refused(jwt_hub):
             "Authorization": f"Bearer {at_limit}"}) as ws:
         assert await user_of(ws) == "alice"
     for length in (4097, 6000):
-        long = token("alice", pad="p" * length)
+        long = make_token(SECRET, "alice", pad="p" * length)
         assert len(long) > 4096
         assert await handshake_status(jwt_hub.ws_url, additional_headers={
             "Authorization": f"Bearer {long}"}) == 401
         assert await handshake_status(f"{jwt_hub.ws_url}?token={long}") == 401
     async with open_ws(f"{jwt_hub.ws_url}?token={at_limit}") as ws:
-        long_refresh = token("alice", pad="p" * 5000)
+        long_refresh = make_token(SECRET, "alice", pad="p" * 5000)
         reply = await send_recv(ws, {"op": "refresh", "token": long_refresh, "id": "r"})
         assert (reply["type"], reply["code"], reply["id"]) == ("error", "unauthorized", "r")
 
 
 async def test_repeated_authorization_header_gets_a_4xx_not_a_500(jwt_hub):
     status = await handshake_status(jwt_hub.ws_url, additional_headers=[
-        ("Authorization", f"Bearer {token('alice')}"),
-        ("Authorization", f"Bearer {token('bob')}")])
+        ("Authorization", f"Bearer {make_token(SECRET, 'alice')}"),
+        ("Authorization", f"Bearer {make_token(SECRET, 'bob')}")])
     assert 400 <= status < 500, status
     assert_clean_log(jwt_hub)
 
 
 async def test_query_with_many_fields_gets_a_4xx_not_a_500(jwt_hub):
     many = "&".join(f"f{i}=x" for i in range(20))
-    status = await handshake_status(f"{jwt_hub.ws_url}?{many}&token={token('alice')}")
+    status = await handshake_status(f"{jwt_hub.ws_url}?{many}&token={make_token(SECRET, 'alice')}")
     assert 400 <= status < 500, status
     assert_clean_log(jwt_hub)
 
@@ -420,13 +400,13 @@ async def test_query_with_many_fields_gets_a_4xx_not_a_500(jwt_hub):
 async def test_tokens_never_appear_in_the_log_even_at_debug(hub_factory):
     hub = hub_factory("--jwt-secret", SECRET, "--log-level", "debug")
     used = {
-        "query": token("alice", ttl=301),
-        "header": token("bob", ttl=302),
-        "refresh": token("alice", ttl=303),
-        "refresh other user": token("bob", ttl=304),
-        "expired": token("alice", ttl=-10),
-        "forged": token("alice", secret=OTHER_SECRET),
-        "bad refresh": token("alice", secret=OTHER_SECRET, ttl=305),
+        "query": make_token(SECRET, "alice", ttl=301),
+        "header": make_token(SECRET, "bob", ttl=302),
+        "refresh": make_token(SECRET, "alice", ttl=303),
+        "refresh other user": make_token(SECRET, "bob", ttl=304),
+        "expired": make_token(SECRET, "alice", ttl=-10),
+        "forged": make_token(OTHER_SECRET, "alice"),
+        "bad refresh": make_token(OTHER_SECRET, "alice", ttl=305),
     }
     async with open_ws(f"{hub.ws_url}?token={used['query']}") as ws:
         for key in ("refresh", "refresh other user", "bad refresh", "expired"):
@@ -451,7 +431,8 @@ async def test_tokens_never_appear_in_the_log_even_at_debug(hub_factory):
 # -- JWT: private channels ------------------------------------------------------------------
 
 async def test_channels_claim_grants_private_channels(jwt_hub):
-    grant = token("mallory", channels=["private:team-a", "private:proj-*", "user:alice", "news"])
+    grant = make_token(SECRET, "mallory",
+                       channels=["private:team-a", "private:proj-*", "user:alice", "news"])
     async with open_ws(f"{jwt_hub.ws_url}?token={grant}") as ws:
         for channel in ("private:team-a", "private:proj-1", "private:proj-x/y", "private:proj-"):
             assert await subscribe_reply(ws, channel) == {"type": "ack", "id": 1}, channel
@@ -464,10 +445,11 @@ async def test_channels_claim_grants_private_channels(jwt_hub):
                         "private:team-a\u0000", "private:team\u2010a", "\uff50rivate:team-a"):
             reply = await subscribe_reply(ws, channel)
             assert (reply["type"], reply["code"]) == ("error", "bad_channel"), (channel, reply)
-    async with open_ws(f"{jwt_hub.ws_url}?token={token('bob')}") as ws:  # no claim, no grant
+    # no claim, no grant
+    async with open_ws(f"{jwt_hub.ws_url}?token={make_token(SECRET, 'bob')}") as ws:
         reply = await subscribe_reply(ws, "private:team-a")
         assert (reply["type"], reply["code"]) == ("error", "forbidden"), reply
-    grant_all = token("eve", channels=["private:*", "*"])
+    grant_all = make_token(SECRET, "eve", channels=["private:*", "*"])
     async with open_ws(f"{jwt_hub.ws_url}?token={grant_all}") as ws:
         assert await subscribe_reply(ws, "private:anything") == {"type": "ack", "id": 1}
         # The channels claim is about private: channels only; personal ones stay personal.
@@ -477,24 +459,11 @@ async def test_channels_claim_grants_private_channels(jwt_hub):
 
 # -- JWT: expiry and refresh ----------------------------------------------------------------
 
-async def wait_close(ws, timeout: float) -> tuple[int | None, float]:
-    """Read frames until the hub closes ``ws``; (close code, time.time() at close)."""
-
-    async def drain() -> tuple[int | None, float]:
-        try:
-            while True:
-                await ws.recv()
-        except ConnectionClosed as exc:
-            return (exc.rcvd.code if exc.rcvd else None), time.time()
-
-    return await asyncio.wait_for(drain(), timeout)
-
-
 async def test_token_expiring_while_connected_closes_with_4001(jwt_hub):
     exp = int(time.time()) + 3
-    tok = jwt.encode({"sub": "alice", "exp": exp}, SECRET, algorithm="HS256")
+    tok = make_token(SECRET, "alice", exp=exp)
     async with open_ws(f"{jwt_hub.ws_url}?token={tok}") as ws, \
-            open_ws(f"{jwt_hub.ws_url}?token={token('bob')}") as other:
+            open_ws(f"{jwt_hub.ws_url}?token={make_token(SECRET, 'bob')}") as other:
         await assert_alive(ws)
         code, closed_at = await wait_close(ws, timeout=15)
         assert code == 4001
@@ -504,23 +473,25 @@ async def test_token_expiring_while_connected_closes_with_4001(jwt_hub):
 
 async def test_refresh_before_expiry_keeps_the_connection_open(jwt_hub):
     exp = int(time.time()) + 3
-    first = jwt.encode({"sub": "alice", "exp": exp}, SECRET, algorithm="HS256")
+    first = make_token(SECRET, "alice", exp=exp)
     async with open_ws(f"{jwt_hub.ws_url}?token={first}") as ws:
-        reply = await send_recv(ws, {"op": "refresh", "token": token("alice", ttl=60), "id": 1})
+        reply = await send_recv(ws, {"op": "refresh", "token": make_token(SECRET, "alice", ttl=60),
+                                     "id": 1})
         assert reply == {"type": "ack", "id": 1}
         await asyncio.sleep(max(0.0, exp - time.time()) + 1.5)
         await assert_alive(ws)  # past the first token's exp and still open
         assert await user_of(ws) == "alice"
         # A refresh without exp is accepted as well (no expiry from then on).
-        assert await send_recv(ws, {"op": "refresh", "token": token("alice", ttl=None),
+        assert await send_recv(ws, {"op": "refresh", "token": make_token(SECRET, "alice", ttl=None),
                                     "id": 2}) == {"type": "ack", "id": 2}
 
 
 async def test_failed_refreshes_answer_an_error_and_keep_the_old_expiry(jwt_hub):
     exp = int(time.time()) + 4
-    first = jwt.encode({"sub": "alice", "exp": exp}, SECRET, algorithm="HS256")
+    first = make_token(SECRET, "alice", exp=exp)
     async with open_ws(f"{jwt_hub.ws_url}?token={first}") as ws:
-        reply = await send_recv(ws, {"op": "refresh", "token": token("bob", ttl=600), "id": "o"})
+        reply = await send_recv(ws, {"op": "refresh", "token": make_token(SECRET, "bob", ttl=600),
+                                     "id": "o"})
         assert (reply["type"], reply["code"], reply["id"]) == ("error", "forbidden", "o"), reply
         for what, bad in bad_tokens().items():
             reply = await send_recv(ws, {"op": "refresh", "token": bad, "id": what})
@@ -537,11 +508,11 @@ async def test_refresh_with_fewer_channels_revokes_private_subscriptions(redis_s
                                                                         hub_factory):
     """docs/protocol.md: on refresh the new token's exp and channels apply from now."""
     hub = hub_factory("--jwt-secret", SECRET, redis=redis_server)
-    wide = token("alice", channels=["private:team-a", "private:team-b"])
+    wide = make_token(SECRET, "alice", channels=["private:team-a", "private:team-b"])
     async with open_ws(f"{hub.ws_url}?token={wide}") as ws:
         for channel in ("private:team-a", "private:team-b"):
             assert await subscribe_reply(ws, channel) == {"type": "ack", "id": 1}
-        narrow = token("alice", channels=["private:team-b"])
+        narrow = make_token(SECRET, "alice", channels=["private:team-b"])
         assert await send_recv(ws, {"op": "refresh", "token": narrow, "id": 2}) == {
             "type": "ack", "id": 2}
         reply = await subscribe_reply(ws, "private:team-a", cid=3)
@@ -556,7 +527,8 @@ async def test_refresh_with_fewer_channels_revokes_private_subscriptions(redis_s
 async def test_refresh_when_authentication_is_off_is_a_bad_request(hub_factory):
     hub = hub_factory()
     async with open_ws(hub.ws_url + "?user=alice") as ws:
-        reply = await send_recv(ws, {"op": "refresh", "token": token("alice"), "id": 1})
+        reply = await send_recv(ws, {"op": "refresh", "token": make_token(SECRET, "alice"),
+                                     "id": 1})
         assert (reply["type"], reply["code"], reply["id"]) == ("error", "bad_request", 1)
         await assert_alive(ws)
 
@@ -602,8 +574,9 @@ async def test_lookalike_channel_names_never_reach_someone_elses_messages(redis_
                                                                           hub_factory):
     hub = hub_factory("--jwt-secret", SECRET, redis=redis_server)
     redis = redis_server.client()
-    async with open_ws(f"{hub.ws_url}?token={token('alice', channels=['private:x'])}") as alice, \
-            open_ws(f"{hub.ws_url}?token={token('mallory')}") as mallory:
+    alice_token = make_token(SECRET, "alice", channels=["private:x"])
+    async with open_ws(f"{hub.ws_url}?token={alice_token}") as alice, \
+            open_ws(f"{hub.ws_url}?token={make_token(SECRET, 'mallory')}") as mallory:
         assert await subscribe_reply(alice, "private:x") == {"type": "ack", "id": 1}
         for n, (name, code) in enumerate(LOOKALIKES.items()):
             reply = await subscribe_reply(mallory, name, cid=n)

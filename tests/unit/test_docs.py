@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 from hub.cli import build_parser
 from hub.config import OPTIONS
 from hub.protocol import CLOSE_CODES, ERROR_CODES
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 PROTOCOL = (ROOT / "docs" / "protocol.md").read_text()
 README = (ROOT / "README.md").read_text()
 

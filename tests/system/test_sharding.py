@@ -1,7 +1,8 @@
 """Sharding over several independent Redis instances (``--redis-url`` repeated).
 
-Unit tests of :func:`hub.sharding.shard_index`, then end-to-end tests against three real
-redis-servers and two ``hub serve`` processes given the same three URLs in the same order.
+End-to-end tests against three real redis-servers and two ``hub serve`` processes given the
+same three URLs in the same order, and :func:`hub.sharding.shard_index` in other processes (its
+pure-function tests are in tests/unit/test_shard_index.py).
 Timings are never asserted; every wait has a bound far above what a healthy hub needs.
 """
 
@@ -11,33 +12,31 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import subprocess
 import sys
-import time
-from collections import Counter
 
 import pytest
 
 from hub import AsyncPublisher, Publisher
 from hub.sharding import shard_index
-
-from .conftest import ROOT
-from .wsutil import command, no_message, open_ws, recv_json, subscribe
+from tests.helpers import (
+    ROOT,
+    command,
+    expect_message,
+    expect_messages,
+    metric,
+    no_message,
+    open_ws,
+    recv_json,
+    subscribe,
+    wait_for_status,
+)
 
 PROBE = ("--probe-interval", "0.5", "--probe-timeout", "1")
 CHANNELS = [f"chat:{i}" for i in range(30)]
 
 
-# -- shard_index -----------------------------------------------------------------------------
-
-def test_shard_index_pinned_values():
-    """Changing the function moves channels in every deployment: these values must not move."""
-    assert [shard_index("news", n) for n in (1, 2, 3, 4, 5, 8)] == [0, 1, 1, 1, 1, 6]
-    assert [shard_index("chat:lobby", n) for n in (1, 2, 3, 4, 5, 8)] == [0, 1, 2, 2, 4, 5]
-    assert [shard_index("user:alice", n) for n in (2, 3, 8)] == [0, 0, 0]
-    assert [shard_index("a", n) for n in (2, 3, 4, 8)] == [1, 1, 3, 3]
-
+# -- shard_index in other processes ---------------------------------------------------------
 
 def test_shard_index_same_in_other_processes():
     """No dependence on Python's per-process string hash (PYTHONHASHSEED)."""
@@ -50,33 +49,6 @@ def test_shard_index_same_in_other_processes():
         out = subprocess.run([sys.executable, "-c", code, json.dumps(names)], env=env,
                              capture_output=True, text=True, timeout=30, check=True).stdout
         assert json.loads(out) == mine
-
-
-def test_shard_index_range_and_spread():
-    names = [f"c{i}" for i in range(20000)]
-    assert {shard_index(c, 1) for c in names} == {0}
-    for shards in (2, 3, 5, 8):
-        counts = Counter(shard_index(c, shards) for c in names)
-        assert set(counts) == set(range(shards))
-        share = len(names) / shards
-        for count in counts.values():  # binomial sd is under 1% of share here
-            assert 0.9 * share < count < 1.1 * share, (shards, counts)
-
-
-@pytest.mark.parametrize("shards", [1, 2, 3, 4, 7])
-def test_appending_a_shard_moves_about_one_in_n_plus_1(shards):
-    names = [f"c{i}" for i in range(20000)]
-    moved = [c for c in names if shard_index(c, shards) != shard_index(c, shards + 1)]
-    assert all(shard_index(c, shards + 1) == shards for c in moved)  # only to the new one
-    expected = len(names) / (shards + 1)
-    assert 0.9 * expected < len(moved) < 1.1 * expected
-
-
-def test_removing_the_last_shard_moves_only_its_channels():
-    names = [f"c{i}" for i in range(5000)]
-    for c in names:
-        if shard_index(c, 4) != 3:
-            assert shard_index(c, 3) == shard_index(c, 4)
 
 
 # -- end to end: three redis-servers, two hubs -------------------------------------------------
@@ -99,48 +71,6 @@ def by_shard(channels, count: int = 3) -> dict[int, list[str]]:
         placed[shard_index(channel, count)].append(channel)
     assert all(placed.values()), placed  # every shard carries some of them
     return placed
-
-
-async def wait_numsub(server, channel: str, count: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while server.numsub("hub:" + channel) != count:
-        assert time.monotonic() < deadline, f"NUMSUB hub:{channel} never became {count}"
-        await asyncio.sleep(0.02)
-
-
-async def wait_for_status(hub, path: str, status: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while (await asyncio.to_thread(hub.http_get, path, 0.5))[0] != status:
-        assert time.monotonic() < deadline, f"{path} never answered {status}"
-        await asyncio.sleep(0.05)
-
-
-def metric(hub, name: str) -> float:
-    status, body = hub.http_get("/metrics")
-    assert status == 200
-    match = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", body.decode(), re.MULTILINE)
-    assert match, name
-    return float(match.group(1))
-
-
-async def expect_message(ws, channel: str, data, timeout: float = 5.0) -> None:
-    frame = await recv_json(ws, timeout)
-    assert frame == {"type": "message", "channel": channel, "data": data}, frame
-
-
-async def expect_messages(ws, expected: list[tuple[str, object]], timeout: float = 5.0) -> None:
-    """The next ``len(expected)`` frames are exactly these messages, each channel's in the
-    given order. Channels on different Redis servers may interleave: no order between them."""
-    frames = [await recv_json(ws, timeout) for _ in expected]
-    assert all(frame["type"] == "message" for frame in frames), frames
-
-    def by_channel(pairs) -> dict[str, list]:
-        out: dict[str, list] = {}
-        for channel, data in pairs:
-            out.setdefault(channel, []).append(data)
-        return out
-
-    assert by_channel((f["channel"], f["data"]) for f in frames) == by_channel(expected)
 
 
 async def test_channels_live_on_their_shard_and_cross_processes(shards, hub_factory):

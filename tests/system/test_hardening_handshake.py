@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import resource
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import psutil
 import pytest
 from websockets.asyncio.client import connect
 
-from tests.conftest import ROOT, HubProcess, free_port, wait_until
+from tests.helpers import ROOT, HubProcess, free_port, metric_total, wait_until
 
 MIB = 1 << 20
 
@@ -83,12 +82,6 @@ def http_status(port: int, path: str, timeout: float = 3.0) -> int | None:
         return None
 
 
-def metric(text: str, name: str) -> float:
-    """The sum of every sample of ``name`` in Prometheus text ``text`` (0 when absent)."""
-    return sum(float(m.group(1)) for m in
-               re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
-
-
 # -- 1. pending handshakes hold bounded memory ---------------------------------------------
 
 PENDING_CAP = 64
@@ -125,8 +118,8 @@ async def test_unfinished_handshakes_with_large_headers_hold_bounded_memory(hub_
               f"RSS {rss / MIB:.0f} MiB (+{(rss - rss_before) / MIB:.0f}), hub holds {held} "
               f"sockets")
     print(f"after a legitimate handshake: holds {held_after}; in progress "
-          f"{metric(metrics, 'hub_handshakes_in_progress')}, aborted "
-          f"{metric(metrics, 'hub_handshakes_aborted_total')}")
+          f"{metric_total(metrics, 'hub_handshakes_in_progress')}, aborted "
+          f"{metric_total(metrics, 'hub_handshakes_aborted_total')}")
     assert ws_ok and healthz[0] == 200
     # The cap, plus a few the loop accepted in the same iteration as the listing. The
     # unbounded code holds every socket of the floods (1000).
@@ -138,8 +131,8 @@ async def test_unfinished_handshakes_with_large_headers_hold_bounded_memory(hub_
     growth = (figures[-1][3] - rss_before) / MIB
     assert growth < 48
     assert (figures[-1][3] - figures[-2][3]) / MIB < 16
-    assert metric(metrics, "hub_handshakes_in_progress") <= PENDING_CAP
-    assert metric(metrics, "hub_handshakes_aborted_total") > 0
+    assert metric_total(metrics, "hub_handshakes_in_progress") <= PENDING_CAP
+    assert metric_total(metrics, "hub_handshakes_aborted_total") > 0
     # Closing the floods frees every slot.
     await asyncio.sleep(0.5)  # our loop closes the aborted sockets
     wait_until(lambda: held_sockets(hub.pid, hub.port) == 0, 10, what="flood sockets gone")
@@ -163,7 +156,7 @@ async def test_handshake_timeout_aborts_a_silent_socket(hub_factory):
     hub = hub_factory("--handshake-timeout", "0.5")
     _, writer = await asyncio.open_connection("127.0.0.1", hub.port)
     try:
-        wait_until(lambda: metric(hub.http_get("/metrics")[1].decode(),
+        wait_until(lambda: metric_total(hub.http_get("/metrics")[1].decode(),
                                   "hub_handshakes_aborted_total") >= 1, 10,
                    what="the timed-out handshake counted")
     finally:
@@ -276,7 +269,7 @@ async def test_metrics_port_is_shared_by_workers(hub_factory, redis_server):
         seen = set()
         for _ in range(60):
             with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=3) as r:
-                seen.add(metric(r.read().decode(), "hub_connections"))
+                seen.add(metric_total(r.read().decode(), "hub_connections"))
             if seen == {0.0, 1.0}:
                 break
     print(f"\nhub_connections seen on the shared --metrics-port: {sorted(seen)}")
@@ -307,7 +300,7 @@ async def test_accept_errors_are_counted_and_logged_rate_limited(caplog):
         loop.set_exception_handler(previous)
     accept_lines = [r for r in caplog.records if "accept() failed" in r.getMessage()]
     print(f"\n1000 failed accepts: {len(accept_lines)} log line(s), counter "
-          f"{metric(metrics.render().decode(), 'hub_accept_errors_total')}")
+          f"{metric_total(metrics.render().decode(), 'hub_accept_errors_total')}")
     assert len(accept_lines) == 1
-    assert metric(metrics.render().decode(), "hub_accept_errors_total") == 1000
+    assert metric_total(metrics.render().decode(), "hub_accept_errors_total") == 1000
     assert any(r.getMessage() == "something else" for r in caplog.records)  # passed on

@@ -14,16 +14,13 @@ import asyncio
 import base64
 import json
 import os
-import re
 import struct
 import time
 
-import jwt
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from .conftest import wait_until
-from .wsutil import open_ws, recv_json
+from tests.helpers import make_token, metric, open_ws, recv_json, wait_until
 
 SECRET = "s" * 32
 
@@ -31,16 +28,12 @@ SECRET = "s" * 32
 # -- helpers -------------------------------------------------------------------------------
 
 def closes_metric(hub, code: int) -> float:
-    """``hub_connections_closed_total{code="<code>"}`` from /metrics (0 when absent)."""
-    status, body = hub.http_get("/metrics")
-    assert status == 200
-    match = re.search(rf'^hub_connections_closed_total{{code="{code}"}} ([0-9.e+-]+)$',
-                      body.decode(), re.M)
-    return float(match.group(1)) if match else 0.0
+    """``hub_connections_closed_total{code="<code>"}`` (0 when absent)."""
+    return metric(hub, "hub_connections_closed_total", {"code": str(code)}) or 0.0
 
 
 def token(user: str) -> str:
-    return jwt.encode({"sub": user, "exp": int(time.time()) + 600}, SECRET, algorithm="HS256")
+    return make_token(SECRET, user, ttl=600)
 
 
 async def ping_ok(ws, tag: object = "alive") -> None:

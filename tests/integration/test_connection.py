@@ -21,7 +21,7 @@ from websockets.server import ServerProtocol
 
 from hub.connection import HubConnection, fan_out, send_text
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_websockets_is_pinned_to_the_major_version_the_fan_out_was_checked_against():

@@ -15,7 +15,9 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
+
+REPO = str(ROOT)
 
 
 def _run_bench(out, *flags: str) -> dict:

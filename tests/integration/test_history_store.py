@@ -418,7 +418,7 @@ async def test_publish_latency_figures(redis_server):
 async def test_cluster_publish_read_and_spublish(tmp_path):
     from redis.asyncio.cluster import RedisCluster
 
-    from .test_cluster import Cluster
+    from tests.system.test_cluster import Cluster
 
     nodes = Cluster(tmp_path / "cluster")
     try:
@@ -465,8 +465,8 @@ async def test_cluster_publish_read_and_spublish(tmp_path):
 async def test_cluster_master_restart_reloads_the_functions(tmp_path):
     from redis.asyncio.cluster import RedisCluster
 
-    from .conftest import wait_until
-    from .test_cluster import Cluster
+    from tests.helpers import wait_until
+    from tests.system.test_cluster import Cluster
 
     nodes = Cluster(tmp_path / "cluster")
     try:

@@ -18,7 +18,7 @@ from hub.channels import (
 from hub.config import OPTIONS, Config, Option
 from hub.exceptions import ProtocolError
 
-HUB = pathlib.Path(__file__).resolve().parents[1] / "hub"
+HUB = pathlib.Path(__file__).resolve().parents[2] / "hub"
 
 
 @pytest.mark.parametrize(("channel", "namespace"), [

@@ -9,38 +9,18 @@ from __future__ import annotations
 import asyncio
 import json
 
-import jwt
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from .conftest import wait_until
-from .wsutil import open_ws, recv_json
-
-RECV_TIMEOUT = 5.0
-
-
-async def send_recv(ws, frame: dict | str | bytes, timeout: float = RECV_TIMEOUT) -> dict:
-    """Send one frame and return the very next frame the hub sends back."""
-    await ws.send(json.dumps(frame) if isinstance(frame, dict) else frame)
-    return await recv_json(ws, timeout)
-
-
-async def assert_alive(ws, tag: str = "alive") -> None:
-    """The connection is open and the hub answers it at once."""
-    assert await send_recv(ws, {"op": "ping", "id": tag}) == {"type": "pong", "id": tag}
-
-
-async def close_code_of(ws, timeout: float = 10.0) -> int | None:
-    """Read (and drop) frames until the hub closes ``ws``; return the close code it sent."""
-
-    async def drain() -> int | None:
-        try:
-            while True:
-                await ws.recv()
-        except ConnectionClosed as exc:
-            return exc.rcvd.code if exc.rcvd is not None else None
-
-    return await asyncio.wait_for(drain(), timeout)
+from tests.helpers import (
+    assert_alive,
+    make_token,
+    open_ws,
+    recv_json,
+    send_recv,
+    wait_close,
+    wait_until,
+)
 
 
 def assert_process_healthy(hub) -> None:
@@ -62,13 +42,13 @@ async def test_frame_over_max_message_bytes_closes_1009_and_others_keep_working(
         assert await send_recv(big, at_limit) == {"type": "pong", "id": "x"}
 
         await big.send('{"op":"ping","id":1,"pad":"' + "p" * 1024 + '"}')
-        assert await close_code_of(big) == 1009
+        assert (await wait_close(big, 10.0))[0] == 1009
         await assert_alive(other)
 
     # A message that only goes over the limit once its fragments are joined, too.
     async with open_ws(hub.ws_url) as frag, open_ws(hub.ws_url) as other:
         await frag.send(iter(['{"op":"ping","pad":"', "q" * 600, "q" * 600, '"}']))
-        assert await close_code_of(frag) == 1009
+        assert (await wait_close(frag, 10.0))[0] == 1009
         await assert_alive(other)
     assert_process_healthy(hub)
 
@@ -81,7 +61,7 @@ async def test_invalid_utf8_in_a_text_frame_closes_1007(hub_factory):
         # would refuse to build it from str, so hand raw bytes to its protocol layer.
         bad.protocol.send_text(b'{"op":"ping","id":"\xff\xfe"}')
         bad.send_data()
-        assert await close_code_of(bad) == 1007
+        assert (await wait_close(bad, 10.0))[0] == 1007
         await assert_alive(other)
     assert_process_healthy(hub)
 
@@ -180,7 +160,7 @@ async def test_refused_handshakes_do_not_leak_connection_slots(hub_factory):
             async with open_ws(hub.ws_url + "?token=not-a-jwt"):
                 pass
         assert info.value.response.status_code == 401
-    token = jwt.encode({"sub": "u1"}, secret, algorithm="HS256")
+    token = make_token(secret, "u1", ttl=None)
     for _ in range(5):
         with pytest.raises(InvalidStatus) as info:  # a good token from a foreign origin
             async with open_ws(f"{hub.ws_url}?token={token}", origin="https://evil.example"):
@@ -239,7 +219,7 @@ async def flood_until_closed(ws, timeout: float = 20.0) -> int | None:
 
     sender = asyncio.create_task(spam())
     try:
-        return await close_code_of(ws, timeout)
+        return (await wait_close(ws, timeout))[0]
     finally:
         await asyncio.wait_for(sender, 10)
 

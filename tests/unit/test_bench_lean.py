@@ -14,7 +14,7 @@ import pytest
 from websockets.frames import Close, Frame, Opcode
 from websockets.protocol import Protocol, Side, State
 
-from bench.client import _decode_hub, _decode_socketio, _fields
+from bench.client import decode_hub, decode_socketio, fields
 from bench.lean import LeanConnection
 
 
@@ -106,11 +106,11 @@ async def test_sent_messages_are_masked_text_frames():
 
 def test_delivery_fields_without_a_json_parse():
     body = b'{"r":3,"s":9,"t":1763800000.123456,"p":"xxxx"}'
-    assert _fields(body) == (3, 1763800000.123456)
-    assert _decode_hub(b'{"type":"message","channel":"bench","data":' + body + b"}") == (
+    assert fields(body) == (3, 1763800000.123456)
+    assert decode_hub(b'{"type":"message","channel":"bench","data":' + body + b"}") == (
         3, 1763800000.123456)
-    assert _decode_hub(b'{"type":"ack","id":1}') is None
+    assert decode_hub(b'{"type":"ack","id":1}') is None
     spaced = b'42["msg", {"r": 3, "s": 9, "t": 1763800000.5, "p": "xx"}]'
-    assert _decode_socketio(spaced) == (3, 1763800000.5)  # re-encoded with spaces
-    assert _decode_socketio(b'42["msg",{"r":3,"s":9,"t":1763800000.5,"p":"xx"}]') == (
+    assert decode_socketio(spaced) == (3, 1763800000.5)  # re-encoded with spaces
+    assert decode_socketio(b'42["msg",{"r":3,"s":9,"t":1763800000.5,"p":"xx"}]') == (
         3, 1763800000.5)

@@ -3,9 +3,9 @@
 No container engine runs here, so docker-compose.yml, deploy/Dockerfile, deploy/k8s/*.yaml,
 deploy/hub.service and deploy/hub.env are parsed and checked against the CLI contract
 (:func:`hub.cli.build_parser`, :data:`hub.config.OPTIONS`) and the server's HTTP paths.
-deploy/nginx.conf and deploy/haproxy.cfg are rendered for loopback (:func:`render_nginx`,
-:func:`render_haproxy`, also used by tests/test_proxy_e2e.py) and checked by ``nginx -t`` and
-``haproxy -c`` when those binaries are installed.
+deploy/nginx.conf and deploy/haproxy.cfg are rendered for loopback (tests/helpers.py:
+:func:`render_nginx`, :func:`render_haproxy`, also used by tests/system/test_proxy_e2e.py);
+``nginx -t`` and ``haproxy -c`` check them in tests/system/test_deploy_configs_load.py.
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ import configparser
 import json
 import re
 import shlex
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -23,15 +21,15 @@ import pytest
 from hub.cli import build_parser
 from hub.config import OPTIONS, Config
 from hub.supervisor import STOP_MARGIN
-
-ROOT = Path(__file__).resolve().parent.parent
-DEPLOY = ROOT / "deploy"
-NGINX_CONF = DEPLOY / "nginx.conf"
-HAPROXY_CFG = DEPLOY / "haproxy.cfg"
-NGINX = shutil.which("nginx") or next(
-    (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).exists()), None)
-HAPROXY = shutil.which("haproxy") or next(
-    (p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy") if Path(p).exists()), None)
+from tests.helpers import (
+    DEPLOY,
+    HAPROXY_CFG,
+    NGINX_CONF,
+    ROOT,
+    fenced_blocks,
+    render_haproxy,
+    render_nginx,
+)
 
 #: The HTTP paths of a hub process (hub/server.py, docs/protocol.md).
 HUB_PATHS = {"/ws", "/healthz", "/readyz", "/metrics"}
@@ -39,96 +37,7 @@ HUB_ENV = {opt.env for opt in OPTIONS}
 DEFAULTS = {opt.name: opt.default for opt in OPTIONS}
 
 
-# -- rendering the proxy configurations for a test ----------------------------------------------
-
-def render_nginx(listen: str, hubs: list[str], prefix: Path | None = None,
-                 worker_processes: int | None = None) -> str:
-    """deploy/nginx.conf with ``listen`` (``127.0.0.1:PORT``) and one upstream line per hub.
-
-    Each hub line keeps the parameters (``max_fails=...``) of the shipped ``server`` line. With
-    ``prefix`` (a directory) the log files under /var/log/nginx/ and the temporary directories go
-    there, so that nginx runs as any user; ``worker_processes`` replaces ``auto`` (a test that
-    must not depend on the core count). The rest of the file is unchanged.
-    """
-    text = NGINX_CONF.read_text()
-    [(indent, params)] = re.findall(r"^([ \t]*)server[ \t]+\S+((?:[ \t]+[^;\s]+)*);$", text,
-                                   re.MULTILINE)
-    lines = "".join(f"{indent}server {hub}{params};\n" for hub in hubs)
-    text = _replace_lines(text, r"^[ \t]*server[ \t]+\S+(?:[ \t]+[^;\s]+)*;\n", lines)
-    text, n = re.subn(r"^([ \t]*)listen[ \t]+\S+;", rf"\g<1>listen {listen};", text,
-                      flags=re.MULTILINE)
-    assert n == 1, "deploy/nginx.conf should have one listen line"
-    if worker_processes is not None:
-        text, n = re.subn(r"^worker_processes \S+;", f"worker_processes {worker_processes};",
-                          text, flags=re.MULTILINE)
-        assert n == 1, "deploy/nginx.conf should have one worker_processes line"
-    if prefix is not None:
-        text = text.replace("/var/log/nginx/", f"{prefix}/")
-        temp = "".join(f"    {kind}_temp_path {prefix / kind};\n"
-                       for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-        text, n = re.subn(r"^http \{\n", lambda m: m.group(0) + temp, text, flags=re.MULTILINE)
-        assert n == 1, "deploy/nginx.conf should have one http block"
-    return text
-
-
-def nginx_command(prefix: Path, conf: Path, *extra: str) -> list[str]:
-    """Run nginx in the foreground with every file it writes under ``prefix``."""
-    assert NGINX is not None
-    return [NGINX, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log"),
-            "-g", f"daemon off; pid {prefix / 'nginx.pid'};", *extra]
-
-
-def write_nginx(prefix: Path, listen: str, hubs: list[str],
-                worker_processes: int | None = None) -> Path:
-    """Write deploy/nginx.conf rendered for ``prefix`` (:func:`render_nginx`); return its path.
-
-    nginx then logs to ``prefix``/access.log and ``prefix``/error.log.
-    """
-    prefix.mkdir(parents=True, exist_ok=True)
-    conf = prefix / "nginx.conf"
-    conf.write_text(render_nginx(listen, hubs, prefix, worker_processes))
-    return conf
-
-
-def render_haproxy(bind: str, hubs: list[str]) -> str:
-    """deploy/haproxy.cfg with ``bind`` (``127.0.0.1:PORT``) and one server line per hub.
-
-    Each line ``server hubN ADDRESS ...`` keeps the parameters of the first shipped line.
-    """
-    text = HAPROXY_CFG.read_text()
-    server_re = r"^([ \t]*)server[ \t]+\S+[ \t]+\S+(.*)$"
-    [(indent, params), *_] = re.findall(server_re, text, re.MULTILINE)
-    lines = "".join(f"{indent}server hub{i} {hub}{params}\n" for i, hub in enumerate(hubs, 1))
-    text = _replace_lines(text, r"^[ \t]*server[ \t]+\S+[ \t]+\S+.*\n", lines)
-    text, n = re.subn(r"^([ \t]*)bind[ \t]+\S+", rf"\g<1>bind {bind}", text, flags=re.MULTILINE)
-    assert n == 1, "deploy/haproxy.cfg should have one bind line"
-    return text
-
-
-def _replace_lines(text: str, pattern: str, lines: str) -> str:
-    """``text`` with the first line matching ``pattern`` replaced by ``lines``, the others cut."""
-    seen = 0
-
-    def replace(match: re.Match[str]) -> str:
-        nonlocal seen
-        seen += 1
-        return lines if seen == 1 else ""
-
-    return re.sub(pattern, replace, text, flags=re.MULTILINE)
-
-
 # -- helpers -------------------------------------------------------------------------------------
-
-def fenced_blocks(text: str) -> list[tuple[str, str]]:
-    """``(language, code)`` of every fenced block of a Markdown text; indented ones (inside a
-    list item) dedented by their fence's indent."""
-    blocks = []
-    for indent, lang, code in re.findall(r"^([ \t]*)```(\w*)\n(.*?)^\1```", text,
-                                         re.MULTILINE | re.DOTALL):
-        lines = [line.removeprefix(indent) for line in code.splitlines()]
-        blocks.append((lang, "\n".join(lines) + "\n"))
-    return blocks
-
 
 def doc_section(text: str, heading: str) -> str:
     """The part of a Markdown text from the heading that starts with ``heading`` to the next
@@ -491,31 +400,6 @@ def test_render_keeps_every_server_parameter():
     assert "bind 127.0.0.1:9000" in haproxy and "hub1:8765" not in haproxy
 
 
-@pytest.mark.nginx
-@pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx)")
-def test_nginx_config_test_passes(tmp_path):
-    conf = write_nginx(tmp_path, "127.0.0.1:18080", ["127.0.0.1:8765", "127.0.0.1:8766"])
-    result = subprocess.run(nginx_command(tmp_path, conf, "-t"), capture_output=True, text=True,
-                            check=False,
-                            timeout=30)
-    assert result.returncode == 0, result.stderr
-
-
-@pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (apt-get install haproxy)")
-@pytest.mark.parametrize("rendered", [False, True], ids=["as-shipped", "rendered"])
-def test_haproxy_config_check_passes(tmp_path, rendered):
-    cfg = tmp_path / "haproxy.cfg"
-    text = HAPROXY_CFG.read_text()
-    if rendered:
-        text = render_haproxy("127.0.0.1:18080", ["127.0.0.1:8765", "127.0.0.1:8766"])
-    cfg.write_text(text)
-    assert HAPROXY is not None
-    result = subprocess.run([HAPROXY, "-c", "-f", str(cfg)], capture_output=True, text=True,
-                            check=False,
-                            timeout=30)
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
 # -- docs/deploy.md ------------------------------------------------------------------------------
 
 def test_deploy_doc_commands_and_variables_exist():
@@ -530,52 +414,6 @@ def test_deploy_doc_commands_and_variables_exist():
     local = r"(?:https?|wss?)://(?:127\.0\.0\.1|localhost|hub|HOST)(?::\d+)?(/[\w/]*)"
     paths = set(re.findall(local, text)) - {"/"}
     assert paths and paths <= HUB_PATHS, paths
-
-
-def doc_snippet(lang: str, marker: str) -> dict[str, str]:
-    """The block of docs/deploy.md in ``lang`` that holds ``marker``, split at its
-    ``# in CONTEXT:`` comment lines: ``{"http {}": "limit_conn_zone ...", ...}``."""
-    text = (ROOT / "docs" / "deploy.md").read_text()
-    [code] = [c for lg, c in fenced_blocks(text) if lg == lang and marker in c]
-    parts = re.split(r"^# in (.+):$", code, flags=re.MULTILINE)
-    assert parts[0].strip() == "", code
-    return dict(zip(parts[1::2], parts[2::2], strict=True))
-
-
-@pytest.mark.nginx
-@pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx)")
-def test_deploy_doc_nginx_limits_load_into_the_shipped_file(tmp_path):
-    parts = doc_snippet("nginx", "limit_conn")
-    assert set(parts) == {"http {}", "location = /ws {}"}
-    conf = write_nginx(tmp_path, "127.0.0.1:18080", ["127.0.0.1:8765"])
-    text = conf.read_text()
-    text, n = re.subn(r"^http \{\n", lambda m: m.group(0) + parts["http {}"], text,
-                      flags=re.MULTILINE)
-    assert n == 1
-    text, n = re.subn(r"^([ \t]*)location = /ws \{\n", lambda m: m.group(0) + parts[
-        "location = /ws {}"], text, flags=re.MULTILINE)
-    assert n == 1
-    conf.write_text(text)
-    result = subprocess.run(nginx_command(tmp_path, conf, "-t"), capture_output=True, text=True,
-                            check=False, timeout=30)
-    assert result.returncode == 0, result.stderr
-
-
-@pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (apt-get install haproxy)")
-def test_deploy_doc_haproxy_limits_load_into_the_shipped_file(tmp_path):
-    parts = doc_snippet("haproxy", "stick-table")
-    assert set(parts) == {"frontend hub_in"}
-    text = render_haproxy("127.0.0.1:18080", ["127.0.0.1:8765"])
-    text, n = re.subn(r"^frontend hub_in\n", lambda m: m.group(0) + "".join(
-        f"    {line}\n" for line in parts["frontend hub_in"].strip().splitlines()), text,
-        flags=re.MULTILINE)
-    assert n == 1
-    cfg = tmp_path / "haproxy.cfg"
-    cfg.write_text(text)
-    assert HAPROXY is not None
-    result = subprocess.run([HAPROXY, "-c", "-f", str(cfg)], capture_output=True, text=True,
-                            check=False, timeout=30)
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_deploy_doc_walkthrough_installs_what_the_unit_expects():

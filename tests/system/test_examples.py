@@ -17,9 +17,16 @@ import pytest
 from asgi_lifespan import LifespanManager
 
 from hub import Publisher
-
-from .conftest import ROOT, wait_until
-from .wsutil import command, no_message, open_ws, recv_json, subscribe
+from tests.helpers import (
+    ROOT,
+    command,
+    message,
+    no_message,
+    open_ws,
+    recv_json,
+    subscribe,
+    wait_until_async,
+)
 
 SECRET = "examples-test-secret-of-at-least-32-bytes!"
 
@@ -44,10 +51,6 @@ def load_example(name: str) -> ModuleType:
     sys.modules[module_name] = module
     spec.loader.exec_module(module)
     return module
-
-
-def message(channel: str, data) -> dict:
-    return {"type": "message", "channel": channel, "data": data}
 
 
 def test_every_example_is_tested_and_says_how_to_run_it():
@@ -124,8 +127,8 @@ async def test_fastapi_lifespan_publisher_pushes(redis_server, hub_factory):
             assert len(redis_client.client_list()) == clients_before + 1
         await no_message(ws)
         # The lifespan's end closed it.
-        await asyncio.to_thread(wait_until, lambda: len(redis_client.client_list())
-                                <= clients_before, 5, what="the publisher's connection closed")
+        await wait_until_async(lambda: len(redis_client.client_list()) <= clients_before, 5,
+                               what="the publisher's connection closed")
 
 
 # -- Flask --------------------------------------------------------------------------------

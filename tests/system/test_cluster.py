@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,10 +21,20 @@ import redis
 from redis.crc import key_slot
 
 from hub import AsyncPublisher, Publisher
-
-from .conftest import ROOT, free_port, wait_until
-from .test_sharding import expect_message, expect_messages, metric
-from .wsutil import command, no_message, open_ws, recv_json, subscribe
+from tests.helpers import (
+    ROOT,
+    command,
+    expect_message,
+    expect_messages,
+    free_port,
+    metric,
+    no_message,
+    open_ws,
+    recv_json,
+    subscribe,
+    wait_until,
+    wait_until_async,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -192,13 +201,6 @@ def cluster_hub(hub_factory, cluster: Cluster, *args: str):
     return hub_factory("--redis-cluster", "--redis-url", cluster.url, *PROBE, *args)
 
 
-async def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not await asyncio.to_thread(predicate):
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        await asyncio.sleep(0.05)
-
-
 async def test_delivery_across_masters(cluster, hub_factory):
     h1 = cluster_hub(hub_factory, cluster)
     h2 = cluster_hub(hub_factory, cluster)
@@ -275,8 +277,8 @@ async def test_master_restart_affects_only_its_channels(cluster, hub_factory):
 
         cluster.kill(victim)
         for hub in (h1, h2):
-            await wait_for(lambda hub=hub: hub.http_get("/readyz", 0.5)[0] == 503, 15,
-                           "/readyz 503 while a master is down")
+            await wait_until_async(lambda hub=hub: hub.http_get("/readyz", 0.5)[0] == 503, 15,
+                                   what="/readyz 503 while a master is down")
         for n in range(3):  # the other masters keep working
             for channel in spared:
                 assert cluster.spublish(channel, str(n)) == 2
@@ -290,8 +292,8 @@ async def test_master_restart_affects_only_its_channels(cluster, hub_factory):
 
         cluster.restart(victim)  # same port, same nodes.conf: it serves its slots again
         for hub in (h1, h2):
-            await wait_for(lambda hub=hub: hub.http_get("/readyz", 0.5)[0] == 200, 30,
-                           "/readyz 200 after the master is back")
+            await wait_until_async(lambda hub=hub: hub.http_get("/readyz", 0.5)[0] == 200, 30,
+                                   what="/readyz 200 after the master is back")
         frame = await recv_json(a, 20)
         assert frame == {"type": "gap", "channels": sorted(hit)}, frame
         for channel in hit:
@@ -323,8 +325,8 @@ async def test_slot_migration(cluster, hub_factory):
             assert publisher.publish(channel, "before") == 2
 
             cluster.move_slot(key_slot(f"hub:{channel}".encode()), src, dst)
-            await wait_for(lambda: cluster.shardnumsub(dst, channel) == 2, 20,
-                           "both hubs subscribed on the new owner")
+            await wait_until_async(lambda: cluster.shardnumsub(dst, channel) == 2, 20,
+                                   what="both hubs subscribed on the new owner")
             for ws in (a, b):
                 await expect_message(ws, channel, "before")
                 frame = await recv_json(ws, 10)
@@ -353,10 +355,11 @@ async def test_replica_takes_over_a_dead_master(replicated_cluster, hub_factory)
             await subscribe(c, channel, id=i)
 
         cluster.kill(victim)  # never restarted: its replica is promoted
-        await wait_for(lambda: victim not in cluster.masters(), 30, "a replica promoted")
+        await wait_until_async(lambda: victim not in cluster.masters(), 30,
+                               what="a replica promoted")
         for hub in (h1, h2):
-            await wait_for(lambda hub=hub: hub.http_get("/readyz", 0.5)[0] == 200, 30,
-                           "/readyz 200 with the new master")
+            await wait_until_async(lambda hub=hub: hub.http_get("/readyz", 0.5)[0] == 200, 30,
+                                   what="/readyz 200 with the new master")
         for ws in (a, b):
             frame = await recv_json(ws, 20)
             assert frame == {"type": "gap", "channels": sorted(hit)}, frame

@@ -18,7 +18,6 @@ import asyncio
 import base64
 import json
 import os
-import re
 import socket
 import struct
 import threading
@@ -33,20 +32,10 @@ from hub.config import Config
 from hub.exceptions import ConfigError
 from hub.metrics import Metrics
 from hub.node import Node
-
-from .wsutil import open_ws, recv_json, subscribe
+from tests.helpers import metric, open_ws, recv_json, subscribe
 
 PROBE = ("--probe-interval", "0.5", "--probe-timeout", "1")
 SEND_ERROR = "socket.send() raised exception."
-
-
-def metric(hub, name: str, labels: str = "") -> float | None:
-    """The value of metric ``name`` (with ``labels``, e.g. ``{reason="too_large"}``), None
-    when the hub does not expose it."""
-    status, body = hub.http_get("/metrics", timeout=5)
-    assert status == 200
-    match = re.search(rf"^{re.escape(name + labels)} ([0-9.e+-]+)$", body.decode(), re.M)
-    return float(match.group(1)) if match else None
 
 
 def rss_mb(pid: int) -> float:
@@ -157,8 +146,8 @@ async def test_large_backend_payload_is_dropped_and_nobody_is_closed(redis_serve
                                       return_exceptions=True)
         await asyncio.sleep(1.0)  # let buffered writes and closes settle
         after = sampler.stop()
-        closed = metric(hub, "hub_connections_closed_total", '{code="4008"}') or 0
-        dropped = metric(hub, "hub_payloads_dropped_total", '{reason="too_large"}')
+        closed = metric(hub, "hub_connections_closed_total", {"code": "4008"}) or 0
+        dropped = metric(hub, "hub_payloads_dropped_total", {"reason": "too_large"})
         connections = metric(hub, "hub_connections")
         firsts = [f if isinstance(f, Exception) else f.get("data", f)[:20] for f in frames]
         print(f"\n8 MiB publish to 20 readers + 200 idle: hub RSS {before:.0f} MB, "

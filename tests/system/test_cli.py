@@ -20,31 +20,7 @@ import pytest
 
 import hub
 from hub.config import OPTIONS
-from tests.conftest import ROOT, free_port
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None,
-            timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    """``python -m hub ARGS``; the hub's own variables are not inherited."""
-    return run_python("-m", "hub", *args, env=env, timeout=timeout)
-
-
-def run_python(*args: str, env: dict[str, str] | None = None,
-               timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
-    clean["PYTHONPATH"] = str(ROOT) + os.pathsep + clean.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True,
-                          timeout=timeout, env={**clean, **(env or {})}, cwd=ROOT, check=False)
-
-
-def config_error(result: subprocess.CompletedProcess[str]) -> str:
-    """The one stderr line of a configuration error (asserts exit 2 and exactly one line)."""
-    assert result.returncode == 2, (result.returncode, result.stderr)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("hub: "), lines[0]
-    return lines[0]
-
+from tests.helpers import ROOT, config_error, free_port, run_cli, run_python
 
 # -- --version ------------------------------------------------------------------------------------
 

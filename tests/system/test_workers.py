@@ -24,9 +24,17 @@ import pytest
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from hub.supervisor import RESTART_BASE, RESTART_CAP, restart_delay
-from tests.conftest import ROOT, free_port
-from tests.wsutil import open_ws, recv_json, subscribe
+from hub.supervisor import RESTART_BASE
+from tests.helpers import (
+    ROOT,
+    free_port,
+    open_ws,
+    recv_json,
+    run_python,
+    subscribe,
+    wait_until,
+    wait_until_async,
+)
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="SO_REUSEPORT spreads "
                                 "connections over listeners on Linux only")
@@ -67,16 +75,6 @@ def listening(pid: int, port: int) -> bool:
                for c in psutil.Process(pid).net_connections(kind="tcp"))
 
 
-async def until(predicate, timeout: float, what: str):
-    """Poll ``predicate()`` without blocking the event loop; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.1)
-    return value
-
-
 async def connect_many(url: str, count: int) -> list[ClientConnection]:
     clients = [await open_ws(url) for _ in range(count)]
     for ws in clients:
@@ -90,11 +88,13 @@ async def close_all(clients: list[ClientConnection]) -> None:
 
 async def start_workers(hub_factory, redis_server, *args: str):
     hub = hub_factory("--workers", "2", *args, redis=redis_server)
-    pids = await until(lambda: len(w := workers(hub)) == 2 and w, 15, "two workers")
+    pids = await wait_until_async(lambda: len(w := workers(hub)) == 2 and w, 15,
+                                  what="two workers")
     # Both listening: the hub's own readiness only proves that one of them is.
-    await until(lambda: all(any(c.status == psutil.CONN_LISTEN and c.laddr.port == hub.port
-                                for c in psutil.Process(pid).net_connections(kind="tcp"))
-                            for pid in pids), 15, "both workers listening")
+    await wait_until_async(lambda: all(any(c.status == psutil.CONN_LISTEN
+                                           and c.laddr.port == hub.port
+                                           for c in psutil.Process(pid).net_connections(kind="tcp"))
+                                       for pid in pids), 15, what="both workers listening")
     return hub, pids
 
 
@@ -142,17 +142,20 @@ async def test_a_killed_worker_is_restarted(redis_server, hub_factory):
         for ws in lost:
             with pytest.raises(ConnectionClosed):
                 await recv_json(ws, timeout=10)
-        new = await until(lambda: len(w := workers(hub)) == 2 and victim not in w and w, 20,
-                          "a new worker in place of the killed one")
+        new = await wait_until_async(
+            lambda: len(w := workers(hub)) == 2 and victim not in w and w, 20,
+            what="a new worker in place of the killed one")
         [replacement] = set(new) - {survivor}
         assert hub.http_get("/healthz")[0] == 200
         assert re.search(rf"worker \d \(pid {victim}\) killed by SIGKILL after [\d.]+ s; "
                          rf"restarting in [\d.]+ s", hub.log_text())
 
         # The lost clients reconnect to the same port; the new worker takes its share.
-        await until(lambda: any(c.status == psutil.CONN_LISTEN and c.laddr.port == hub.port
-                                for c in psutil.Process(replacement).net_connections("tcp")),
-                    15, "the new worker listening")
+        await wait_until_async(lambda: any(c.status == psutil.CONN_LISTEN
+                                           and c.laddr.port == hub.port
+                                           for c in psutil.Process(replacement).net_connections(
+                                               "tcp")),
+                               15, what="the new worker listening")
         reconnected = await connect_many(hub.ws_url, len(lost))
         more = await connect_many(hub.ws_url, CLIENTS)
         reconnected += more
@@ -188,14 +191,6 @@ async def test_sigterm_stops_every_worker_and_exits_0(redis_server, hub_factory)
     assert "SIGKILL" not in log
 
 
-def run_hub(*args: str, env: dict[str, str] | None = None,
-            timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
-    clean["PYTHONPATH"] = str(ROOT) + os.pathsep + clean.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True,
-                          timeout=timeout, env={**clean, **(env or {})}, cwd=ROOT, check=False)
-
-
 async def test_workers_start_at_once_where_a_single_process_hub_left_time_wait(redis_server,
                                                                               hub_factory):
     port = free_port()
@@ -221,7 +216,7 @@ async def test_a_second_supervisor_on_a_hub_s_port_is_refused_unless_share_port(
     first, first_pids = await start_workers(hub_factory, redis_server)
     args = ("-m", "hub", "serve", "--workers", "2", "--port", str(first.port), "--redis-url",
             redis_server.url)
-    result = await asyncio.to_thread(run_hub, *args)
+    result = await asyncio.to_thread(run_python, *args)
     assert result.returncode == 2
     assert result.stderr == (f"hub: processes already listen on 127.0.0.1:{first.port} with "
                              "SO_REUSEPORT (another hub?); stop them or choose another --port, "
@@ -230,9 +225,10 @@ async def test_a_second_supervisor_on_a_hub_s_port_is_refused_unless_share_port(
 
     # --share-port: a rolling restart. The new hub joins, the old one leaves, no gap.
     second = hub_factory("--workers", "2", "--share-port", redis=redis_server, port=first.port)
-    second_pids = await until(lambda: len(w := workers(second)) == 2 and w, 15, "two workers")
-    await until(lambda: all(listening(pid, first.port) for pid in second_pids), 15,
-                "the new workers listening")
+    second_pids = await wait_until_async(lambda: len(w := workers(second)) == 2 and w, 15,
+                                         what="two workers")
+    await wait_until_async(lambda: all(listening(pid, first.port) for pid in second_pids), 15,
+                           what="the new workers listening")
     clients = await connect_many(first.ws_url, CLIENTS)
     try:
         peers = peers_by_worker(first_pids + second_pids, first.port)
@@ -251,7 +247,7 @@ async def test_a_second_supervisor_on_a_hub_s_port_is_refused_unless_share_port(
 def test_share_port_with_a_single_process_hub_that_does_not_share_exits_2(redis_server,
                                                                            hub_factory):
     single = hub_factory(redis=redis_server)
-    result = run_hub("-m", "hub", "serve", "--workers", "2", "--share-port", "--port",
+    result = run_python("-m", "hub", "serve", "--workers", "2", "--share-port", "--port",
                      str(single.port), "--redis-url", redis_server.url)
     assert result.returncode == 2
     assert result.stderr.startswith(f"hub: cannot listen on 127.0.0.1:{single.port}: Address "
@@ -263,7 +259,8 @@ async def test_single_process_hubs_share_the_port_with_share_port(redis_server, 
     first = hub_factory("--share-port", redis=redis_server)
     second = hub_factory("--share-port", redis=redis_server, port=first.port)
     # /readyz may have been answered by the first hub: wait for the second's own listener.
-    await until(lambda: listening(second.pid, first.port), 15, "the second hub listening")
+    await wait_until_async(lambda: listening(second.pid, first.port), 15,
+                           what="the second hub listening")
     async with open_ws(first.ws_url) as ws:
         await subscribe(ws, "news")
     first.terminate()
@@ -274,13 +271,13 @@ async def test_single_process_hubs_share_the_port_with_share_port(redis_server, 
 
 
 def test_workers_without_redis_exit_2():
-    result = run_hub("-m", "hub", "serve", "--workers", "2", "--port", "8765")
+    result = run_python("-m", "hub", "serve", "--workers", "2", "--port", "8765")
     assert result.returncode == 2
     assert "--workers above 1 needs --redis-url" in result.stderr
 
 
 def test_workers_on_port_0_exit_2(redis_server):
-    result = run_hub("-m", "hub", "serve", "--workers", "2", "--port", "0",
+    result = run_python("-m", "hub", "serve", "--workers", "2", "--port", "0",
                      "--redis-url", redis_server.url)
     assert result.returncode == 2
     assert "--port 0 cannot be used with --workers 2" in result.stderr
@@ -291,7 +288,7 @@ def test_workers_on_a_taken_port_exit_2(redis_server):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = run_hub("-m", "hub", "serve", "--workers", "2", "--port", str(port),
+        result = run_python("-m", "hub", "serve", "--workers", "2", "--port", str(port),
                          "--redis-url", redis_server.url)
     assert result.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
@@ -378,21 +375,11 @@ def test_a_killed_supervisor_takes_its_workers_along():
         proc.kill()
         proc.wait(10)  # not communicate(): surviving workers would hold its stderr open
         # PR_SET_PDEATHSIG: the kernel SIGKILLs each worker when the supervisor dies.
-        deadline = time.monotonic() + 10
-        while not all(exited(w) for w in workers) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert all(exited(w) for w in workers)
+        wait_until(lambda: all(exited(w) for w in workers), 10, interval=0.1,
+                   what="every worker gone with its supervisor")
     finally:
         for worker in workers:
             if not exited(worker):
                 worker.kill()
         proc.kill()
         proc.communicate(timeout=10)
-
-
-def test_restart_delay_is_capped_exponential_with_jitter():
-    for failures in range(40):
-        full = min(RESTART_CAP, RESTART_BASE * 2 ** failures)
-        for _ in range(20):
-            assert full / 2 <= restart_delay(failures) <= full
-    assert RESTART_CAP / 2 <= restart_delay(10**6) <= RESTART_CAP

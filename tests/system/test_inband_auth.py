@@ -10,28 +10,21 @@ import json
 import re
 import time
 
-import jwt
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from hub.auth import MAX_TOKEN_BYTES, origin_problems
-from hub.exceptions import ProtocolError
-from hub.protocol import Connect, parse_command, parse_connect
-
-from .conftest import wait_until
-from .test_security import (
-    OTHER_SECRET,
-    SECRET,
+from hub.auth import MAX_TOKEN_BYTES
+from tests.helpers import (
     assert_alive,
-    assert_clean_log,
-    bad_tokens,
     handshake_status,
+    make_token,
+    open_ws,
+    recv_json,
     send_recv,
-    token,
-    user_of,
     wait_close,
+    wait_until,
 )
-from .wsutil import open_ws, recv_json
+from tests.system.test_security import OTHER_SECRET, SECRET, assert_clean_log, bad_tokens, user_of
 
 AUTH_TIMEOUT = "0.5"
 
@@ -55,60 +48,11 @@ async def closed_with(ws, timeout: float = 10) -> tuple[int | None, str]:
     return (rcvd.code, rcvd.reason) if rcvd else (None, "")
 
 
-# -- the wire format, without sockets --------------------------------------------------------
-
-def test_parse_connect_and_its_token_limits():
-    assert parse_command('{"op":"connect","token":"t","id":1}') == Connect("t", 1)
-    assert parse_connect('{"op":"connect","token":"t"}') == Connect("t")
-    at_limit = "t" * MAX_TOKEN_BYTES
-    assert parse_connect(json.dumps({"op": "connect", "token": at_limit})).token == at_limit
-    for bad in ('{"op":"connect"}', '{"op":"connect","token":""}', '{"op":"connect","token":5}',
-                '{"op":"connect","token":null}', '{"op":"connect","token":["t"]}',
-                json.dumps({"op": "connect", "token": "t" * (MAX_TOKEN_BYTES + 1)})):
-        for parse in (parse_command, parse_connect):
-            with pytest.raises(ProtocolError) as info:
-                parse(bad)
-            assert info.value.code == "bad_request", bad
-    # Anything that is not a connect command at all: None (the hub closes with 4006).
-    for other in ('{"op":"ping","id":1}', '{"op":"subscribe","channel":"news"}', "{", "[]",
-                  "null", b'{"op":"connect","token":"t"}', '{"token":"t"}',
-                  '{"op":"connect","token":"t","id":true}', '{"op":"CONNECT","token":"t"}'):
-        assert parse_connect(other) is None, other
-
-
-def test_origin_problems_name_each_value_no_browser_can_send():
-    good = ["https://app.example", "http://localhost:3000", "http://[::1]:8080",
-            "https://app.example:8443", "null"]
-    assert origin_problems(good) == []
-    bad = {
-        "https://app.example/": "trailing slash",
-        "https://app.example/app": "path",
-        "https://app.example?x=1": "query",
-        "https://app.example#top": "fragment",
-        "app.example": "no scheme",
-        "ws://app.example": "not http or https",
-        "chrome://settings": "not http or https",
-        "https://user@app.example": "user info",
-        "https://App.example": "lower case",
-        "https://app.example:443": "default port",
-        "http://app.example:80": "default port",
-        "https://app.example:99999": "port",
-        "https://": "no host",
-    }
-    for value, reason in bad.items():
-        problems = origin_problems([value])
-        assert len(problems) == 1, value
-        assert repr(value) in problems[0] and reason in problems[0], (value, problems)
-    # One message per distinct bad value, in order.
-    assert len(origin_problems(["a.example", "https://ok.example", "a.example", "b.example"])) == 2
-
-
 # -- connect --------------------------------------------------------------------------------
 
 async def test_connect_acks_with_the_user_client_and_exp(jwt_hub):
     exp = int(time.time()) + 300
-    tok = jwt.encode({"sub": "alice", "exp": exp, "channels": ["private:team-*"]}, SECRET,
-                     algorithm="HS256")
+    tok = make_token(SECRET, "alice", exp=exp, channels=["private:team-*"])
     async with open_ws(jwt_hub.ws_url) as ws:
         ack = await connect(ws, tok, cid="c-1")
         assert set(ack) == {"type", "id", "user", "client", "exp"}, ack
@@ -121,8 +65,8 @@ async def test_connect_acks_with_the_user_client_and_exp(jwt_hub):
         reply = await send_recv(ws, {"op": "subscribe", "channel": "private:other", "id": 3})
         assert (reply["type"], reply["code"]) == ("error", "forbidden"), reply
     async with open_ws(jwt_hub.ws_url) as first, open_ws(jwt_hub.ws_url) as second:
-        a = await connect(first, token("bob", ttl=None))
-        b = await connect(second, token("bob", ttl=None))
+        a = await connect(first, make_token(SECRET, "bob", ttl=None))
+        b = await connect(second, make_token(SECRET, "bob", ttl=None))
         assert a["exp"] is None and b["exp"] is None
         assert a["client"] != b["client"]  # one id per connection
     assert_clean_log(jwt_hub)
@@ -133,7 +77,7 @@ async def test_the_personal_channel_is_live_when_the_ack_arrives(redis_server, h
     redis = redis_server.client()
     for n in range(5):
         async with open_ws(hub.ws_url) as ws:
-            assert (await connect(ws, token("alice")))["type"] == "ack"
+            assert (await connect(ws, make_token(SECRET, "alice")))["type"] == "ack"
             # Right after the ack, with no subscribe: Redis already has the subscription.
             assert redis.publish("hub:user:alice", json.dumps({"n": n})) == 1
             assert await recv_json(ws) == {"type": "message", "channel": "user:alice",
@@ -146,8 +90,8 @@ async def test_client_publish_to_the_personal_channel_reaches_an_in_band_connect
         redis_server, hub_factory):
     hub = hub_factory("--jwt-secret", SECRET, "--client-publish", "user:*", redis=redis_server)
     async with open_ws(hub.ws_url) as alice, open_ws(
-            f"{hub.ws_url}?token={token('bob')}") as bob:
-        assert (await connect(alice, token("alice")))["type"] == "ack"
+            f"{hub.ws_url}?token={make_token(SECRET, 'bob')}") as bob:
+        assert (await connect(alice, make_token(SECRET, "alice")))["type"] == "ack"
         assert await send_recv(bob, {"op": "publish", "channel": "user:alice", "data": "hi",
                                      "id": 1}) == {"type": "ack", "id": 1}
         assert await recv_json(alice) == {"type": "message", "channel": "user:alice",
@@ -158,9 +102,9 @@ async def test_an_invalid_connect_token_closes_with_4002(jwt_hub):
     cases: dict[str, object] = dict(bad_tokens())
     del cases["expired"]  # 4001, below
     cases.update({
-        "too long": token("alice", pad="p" * (MAX_TOKEN_BYTES + 10)),
+        "too long": make_token(SECRET, "alice", pad="p" * (MAX_TOKEN_BYTES + 10)),
         "not a string": 12345,
-        "a list": [token("alice")],
+        "a list": [make_token(SECRET, "alice")],
         "null": None,
         "empty": "",
     })
@@ -178,7 +122,8 @@ async def test_an_invalid_connect_token_closes_with_4002(jwt_hub):
 
 async def test_an_expired_connect_token_closes_with_4001(jwt_hub):
     async with open_ws(jwt_hub.ws_url) as ws:
-        await ws.send(json.dumps({"op": "connect", "token": token("alice", ttl=-30), "id": 1}))
+        await ws.send(json.dumps({"op": "connect", "token": make_token(SECRET, "alice", ttl=-30),
+                                  "id": 1}))
         assert await closed_with(ws) == (4001, "token expired")
 
 
@@ -187,14 +132,14 @@ async def test_no_connect_within_auth_timeout_closes_with_4005(jwt_hub):
         code, reason = await closed_with(ws, timeout=15)
         assert (code, reason) == (4005, "authentication timeout")
     async with open_ws(jwt_hub.ws_url) as ws:  # the hub is fine and the next one may connect
-        assert (await connect(ws, token("alice")))["type"] == "ack"
+        assert (await connect(ws, make_token(SECRET, "alice")))["type"] == "ack"
 
 
 async def test_a_connect_after_a_pause_within_the_timeout_is_accepted(hub_factory):
     hub = hub_factory("--jwt-secret", SECRET, "--auth-timeout", "5")
     async with open_ws(hub.ws_url) as ws:
         await asyncio.sleep(1.0)  # well past the 0.5 s the other tests use
-        assert (await connect(ws, token("alice")))["user"] == "alice"
+        assert (await connect(ws, make_token(SECRET, "alice")))["user"] == "alice"
 
 
 FIRST_FRAMES_THAT_ARE_NOT_CONNECT = [
@@ -223,37 +168,37 @@ async def test_a_first_frame_other_than_connect_closes_with_4006(jwt_hub):
 
 async def test_connect_on_an_authenticated_connection_is_a_bad_request(jwt_hub, hub_factory):
     async with open_ws(jwt_hub.ws_url) as ws:
-        assert (await connect(ws, token("alice")))["type"] == "ack"
-        reply = await connect(ws, token("bob"), cid=2)
+        assert (await connect(ws, make_token(SECRET, "alice")))["type"] == "ack"
+        reply = await connect(ws, make_token(SECRET, "bob"), cid=2)
         assert (reply["type"], reply["code"], reply["id"]) == ("error", "bad_request", 2)
         assert reply["message"] == "already authenticated"
         await assert_alive(ws)
         assert await user_of(ws) == "alice"  # the second connect changed nothing
     async with open_ws(jwt_hub.ws_url, additional_headers={
-            "Authorization": f"Bearer {token('alice')}"}) as ws:
-        reply = await connect(ws, token("alice"))
+            "Authorization": f"Bearer {make_token(SECRET, 'alice')}"}) as ws:
+        reply = await connect(ws, make_token(SECRET, "alice"))
         assert (reply["code"], reply["message"]) == ("bad_request", "already authenticated")
         await assert_alive(ws)
     dev = hub_factory()
     async with open_ws(dev.ws_url + "?user=alice") as ws:
-        reply = await connect(ws, token("alice"))
+        reply = await connect(ws, make_token(SECRET, "alice"))
         assert (reply["code"], reply["message"]) == ("bad_request", "authentication is off")
         await assert_alive(ws)
 
 
 async def test_the_exp_of_a_connect_token_closes_with_4001(jwt_hub):
     exp = int(time.time()) + 3
-    tok = jwt.encode({"sub": "alice", "exp": exp}, SECRET, algorithm="HS256")
+    tok = make_token(SECRET, "alice", exp=exp)
     async with open_ws(jwt_hub.ws_url) as ws:
         assert (await connect(ws, tok))["exp"] == exp
         code, closed_at = await wait_close(ws, timeout=15)
         assert code == 4001
         assert closed_at >= exp - 0.5, "closed before the token expired"
     async with open_ws(jwt_hub.ws_url) as ws:  # refresh works as for a header token
-        assert (await connect(ws, jwt.encode({"sub": "bob", "exp": int(time.time()) + 2},
-                                             SECRET, algorithm="HS256")))["type"] == "ack"
-        assert await send_recv(ws, {"op": "refresh", "token": token("bob"), "id": 2}) == {
-            "type": "ack", "id": 2}
+        assert (await connect(ws, make_token(SECRET, "bob", exp=int(time.time()) + 2)))[
+            "type"] == "ack"
+        assert await send_recv(ws, {"op": "refresh", "token": make_token(SECRET, "bob"),
+                                    "id": 2}) == {"type": "ack", "id": 2}
         await asyncio.sleep(3)
         await assert_alive(ws)
 
@@ -262,13 +207,13 @@ async def test_a_pending_connection_counts_against_max_connections(hub_factory):
     hub = hub_factory("--jwt-secret", SECRET, "--max-connections", "1", "--auth-timeout", "5")
     async with open_ws(hub.ws_url) as pending:
         assert await handshake_status(hub.ws_url) == 503
-        assert (await connect(pending, token("alice")))["type"] == "ack"
-        assert await handshake_status(f"{hub.ws_url}?token={token('bob')}") == 503
+        assert (await connect(pending, make_token(SECRET, "alice")))["type"] == "ack"
+        assert await handshake_status(f"{hub.ws_url}?token={make_token(SECRET, 'bob')}") == 503
     # Once it is gone the slot is free again.
     for _ in range(50):
         try:
             async with open_ws(hub.ws_url) as ws:
-                assert (await connect(ws, token("bob")))["user"] == "bob"
+                assert (await connect(ws, make_token(SECRET, "bob")))["user"] == "bob"
             break
         except Exception:
             await asyncio.sleep(0.1)
@@ -278,29 +223,30 @@ async def test_a_pending_connection_counts_against_max_connections(hub_factory):
 
 async def test_header_and_query_tokens_work_as_before(jwt_hub):
     async with open_ws(jwt_hub.ws_url, additional_headers={
-            "Authorization": f"Bearer {token('alice')}"}) as ws:
+            "Authorization": f"Bearer {make_token(SECRET, 'alice')}"}) as ws:
         assert await user_of(ws) == "alice"  # no connect needed
-    async with open_ws(f"{jwt_hub.ws_url}?token={token('bob')}") as ws:
+    async with open_ws(f"{jwt_hub.ws_url}?token={make_token(SECRET, 'bob')}") as ws:
         await asyncio.sleep(1.0)  # past --auth-timeout: no 4005 for a query token
         assert await user_of(ws) == "bob"
-    forged = token("alice", secret=OTHER_SECRET)
+    forged = make_token(OTHER_SECRET, "alice")
     assert await handshake_status(jwt_hub.ws_url, additional_headers={
         "Authorization": f"Bearer {forged}"}) == 401
     assert await handshake_status(f"{jwt_hub.ws_url}?token={forged}") == 401
-    assert await handshake_status(f"{jwt_hub.ws_url}?token={token('a', ttl=-5)}") == 401
+    expired = make_token(SECRET, "a", ttl=-5)
+    assert await handshake_status(f"{jwt_hub.ws_url}?token={expired}") == 401
 
 
 async def test_broker_down_at_connect_answers_unavailable_then_1011(redis_server, hub_factory):
     hub = hub_factory("--jwt-secret", SECRET, redis=redis_server)
     redis_server.kill()
     async with open_ws(hub.ws_url) as ws:
-        await ws.send(json.dumps({"op": "connect", "token": token("alice"), "id": 7}))
+        await ws.send(json.dumps({"op": "connect", "token": make_token(SECRET, "alice"), "id": 7}))
         reply = await recv_json(ws, 20)  # the subscribe confirmation waits up to 5 s
         assert (reply["type"], reply["code"], reply["id"]) == ("error", "unavailable", 7), reply
         assert (await closed_with(ws))[0] == 1011
     # The same user by header token: 503 at the handshake, logged once.
     assert await handshake_status(hub.ws_url, additional_headers={
-        "Authorization": f"Bearer {token('alice')}"}) == 503
+        "Authorization": f"Bearer {make_token(SECRET, 'alice')}"}) == 503
     wait_until(lambda: "handshake refused (503)" in hub.log_text(), 10, what="the 503 line")
     assert hub.log_text().count("handshake refused (503)") == 1
     assert hub.proc.poll() is None
@@ -318,8 +264,8 @@ async def test_shutdown_closes_pending_connections_with_1001(hub_factory):
 async def test_in_band_tokens_never_reach_the_log(hub_factory):
     hub = hub_factory("--jwt-secret", SECRET, "--auth-timeout", AUTH_TIMEOUT,
                       "--log-level", "debug")
-    used = [token("alice", ttl=401), token("alice", secret=OTHER_SECRET), token("x", ttl=-9),
-            token("alice", pad="p" * 5000)]
+    used = [make_token(SECRET, "alice", ttl=401), make_token(OTHER_SECRET, "alice"),
+            make_token(SECRET, "x", ttl=-9), make_token(SECRET, "alice", pad="p" * 5000)]
     for tok in used:
         async with open_ws(hub.ws_url) as ws:
             await ws.send(json.dumps({"op": "connect", "token": tok, "id": 1}))
@@ -343,8 +289,8 @@ async def test_in_band_tokens_never_reach_the_log(hub_factory):
 async def test_every_refused_handshake_is_logged_once_without_the_token(hub_factory):
     hub = hub_factory("--jwt-secret", SECRET, "--allowed-origin", "https://app.example",
                       "--max-connections", "1")
-    forged = token("alice", secret=OTHER_SECRET)
-    good = token("alice")
+    forged = make_token(OTHER_SECRET, "alice")
+    good = make_token(SECRET, "alice")
     # 401 by query and by header, 403 for a foreign Origin (carrying a good token), 404.
     assert await handshake_status(f"{hub.ws_url}?token={forged}&x=querymark") == 401
     assert await handshake_status(hub.ws_url, additional_headers={
@@ -386,7 +332,7 @@ async def test_the_remote_address_behind_a_trusted_proxy_is_logged(hub_factory):
     headers = {"X-Forwarded-For": "203.0.113.9"}
     assert await handshake_status(f"{hub.ws_url}?token=bad", additional_headers=headers) == 401
     async with open_ws(hub.ws_url, additional_headers=headers) as ws:
-        assert (await connect(ws, token("alice")))["type"] == "ack"
+        assert (await connect(ws, make_token(SECRET, "alice")))["type"] == "ack"
     wait_until(lambda: "close user=alice" in hub.log_text(), 10, what="the close line")
     log = hub.log_text()
     assert re.search(r"handshake refused \(401\) remote=203\.0\.113\.9 ", log), log

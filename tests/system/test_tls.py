@@ -24,9 +24,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from websockets.exceptions import InvalidHandshake
 
-from tests.conftest import free_port, wait_until
-from tests.test_cli import config_error, run_cli
-from tests.wsutil import open_ws, recv_json, subscribe
+from tests.helpers import (
+    config_error,
+    free_port,
+    open_ws,
+    recv_json,
+    run_cli,
+    subscribe,
+    wait_until,
+)
 
 
 def write_self_signed(directory: Path, name: str = "hub") -> tuple[Path, Path]:

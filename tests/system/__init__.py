@@ -1,0 +1,1 @@
+"""System tests: real ``hub serve`` processes, nginx, haproxy, Redis clusters, the bench."""

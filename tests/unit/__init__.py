@@ -1,0 +1,1 @@
+"""Unit tests: no sockets, no subprocesses, no Redis (fakeredis is fine)."""
