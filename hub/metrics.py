@@ -61,6 +61,20 @@ class Metrics:
         self.broker_lag = Gauge("hub_broker_lag_seconds", "Age of the oldest broker message "
                                 "not yet delivered, as the last liveness probe measured it",
                                 registry=r)
+        self.recoveries = Counter(
+            "hub_recoveries", "Subscribes with since on history channels, by result: asked, "
+            "succeeded (recovered:true), failed (recovered:false)", ["result"], registry=r)
+        self.history_repairs = Counter(
+            "hub_history_repairs", "Ranges of skipped offsets this process read back from "
+            "history (a skipped offset in the live stream, a broker reconnect)", registry=r)
+        self.history_refilled = Counter(
+            "hub_history_refilled", "Messages delivered from history by repairs", registry=r)
+        self.history_duplicates = Counter(
+            "hub_history_duplicates", "History messages dropped as already delivered",
+            registry=r)
+        self.unrecorded_publishes = Counter(
+            "hub_unrecorded_publishes", "Plain PUBLISHes on history channels: delivered live, "
+            "not recorded, not recoverable", registry=r)
         self.broker_connect_attempts = _CallbackCounter(
             "hub_broker_connect_attempts", "Attempts to (re)build a broker link, successful or "
             "not")

@@ -25,17 +25,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 import orjson
 
-from .brokers.base import Broker, Publication
+from .brokers.base import Broker, Publication, StreamPosition
+from .channels import ChannelRules
 from .connection import HubConnection, close_or_abort, fan_out, send_text
 from .exceptions import BrokerUnavailable
+from .history.base import History
 from .metrics import Metrics
 from .protocol import CLOSE_SLOW_CONSUMER, gap_frame, message_frame, payload_to_json
 from .registry import Registry
+from .streams import Catchup, Streams
 
 __all__ = ["DROP_LOG_INTERVAL", "SLOW_CLOSE_TIMEOUT", "SUBSCRIBE_TIMEOUT", "Node"]
 
@@ -62,10 +65,16 @@ class Node:
     """
 
     def __init__(self, broker: Broker, metrics: Metrics | None = None, *,
-                 max_payload_bytes: float = math.inf, max_lag: float = math.inf) -> None:
+                 max_payload_bytes: float = math.inf, max_lag: float = math.inf,
+                 history: History | None = None, rules: ChannelRules | None = None) -> None:
         self.metrics = metrics or Metrics()
         self.registry: Registry[HubConnection] = Registry()
         self.broker = broker
+        self.history = history
+        self.rules = rules or ChannelRules()
+        #: The history channels (None without a history store): hub.streams.
+        self.streams = (Streams(history, self.rules, self.registry, self.deliver, self.spawn,
+                                self.metrics) if history is not None else None)
         self.max_payload_bytes = max_payload_bytes
         self.max_lag = max_lag
         self._too_large = self.metrics.payloads_dropped.labels("too_large")
@@ -88,9 +97,13 @@ class Node:
 
     async def start(self) -> None:
         await self.broker.start()
+        if self.history is not None:
+            self.spawn(self.history.start())  # loads the Redis function library
 
     async def stop(self) -> None:
         await self.broker.stop()
+        if self.history is not None:
+            await self.history.close()
         for task in list(self._tasks):
             task.cancel()
         if self._drop_flush is not None:
@@ -107,12 +120,24 @@ class Node:
     # -- the broker's handler: fan-out (the hot path), gaps, link state --------------------
 
     def on_publication(self, publication: Publication) -> None:
-        """Fan one broker message out to the local subscribers of its channel."""
+        """Fan one broker message out to the local subscribers of its channel (through
+        :mod:`hub.streams` on a history channel)."""
         self.metrics.received.inc()
         channel = publication.channel
         conns = self.registry.by_channel.get(channel)
         if not conns:
             return
+        streams = self.streams
+        if streams is not None and (publication.offset is not None
+                                    or streams.keeps_history(channel)):
+            streams.on_publication(publication)
+            return
+        self.deliver(publication, conns)
+
+    def deliver(self, publication: Publication, conns: Iterable[HubConnection]) -> None:
+        """Write ``publication`` to ``conns`` (one frame for all; its offset in it when it has
+        one), unless its payload is over ``max_payload_bytes``."""
+        channel = publication.channel
         payload = publication.payload
         limit = self.max_payload_bytes
         if len(payload) > limit:  # checked before parsing it: the JSON string is never shorter
@@ -122,10 +147,12 @@ class Node:
         if len(data) > limit:
             self._drop_too_large(channel, len(data))
             return
-        frame = message_frame(orjson.dumps(channel), data)
+        frame = message_frame(orjson.dumps(channel), data, publication.offset)
         # A connection whose write buffer passes --max-buffer-bytes during this call is
         # reported by its transport (pause_writing) and dropped right after: see
         # hub.connection.HubConnection.pause_writing. No per-recipient check here.
+        if not isinstance(conns, (set, list, tuple)):
+            conns = list(conns)
         fan_out(conns, frame)
         self.metrics.deliveries.inc(len(conns))
 
@@ -168,7 +195,12 @@ class Node:
         self.close_connection(conn, CLOSE_SLOW_CONSUMER, "slow consumer", SLOW_CLOSE_TIMEOUT)
 
     def on_gap(self, channels: list[str]) -> None:
-        """Tell every local subscriber of ``channels`` that messages may have been lost."""
+        """Tell every local subscriber of ``channels`` that messages may have been lost; a
+        history channel is repaired from its history instead (:mod:`hub.streams`)."""
+        if self.streams is not None:
+            channels = self.streams.repair_all(channels)
+            if not channels:
+                return
         affected: dict[HubConnection, list[str]] = {}
         for channel in channels:
             for conn in self.registry.by_channel.get(channel, ()):
@@ -208,10 +240,15 @@ class Node:
     def detach(self, conn: HubConnection) -> None:
         """Forget ``conn`` and release the channels it was the last local subscriber of.
         Idempotent."""
-        if conn not in self.registry.channels_of:
+        channels = self.registry.channels_of.get(conn)
+        if channels is None:
             return
+        streams = self.streams
+        if streams is not None:
+            for channel in channels:
+                streams.forget(conn, channel)
         for channel in self.registry.remove_connection(conn, conn.user):
-            self.spawn(self.sync(channel))
+            self._emptied(channel)
 
     async def subscribe(self, conn: HubConnection, channel: str) -> None:
         """Subscribe ``conn``; return once the broker subscription is live.
@@ -227,14 +264,48 @@ class Node:
         try:
             await self.sync(channel)
         except BrokerUnavailable:
+            if self.streams is not None:
+                self.streams.forget(conn, channel)
             if self.registry.unsubscribe(conn, channel):
-                self.spawn(self.sync(channel))
+                self._emptied(channel)
+            raise
+
+    def keeps_history(self, channel: str) -> bool:
+        """True when ``channel`` keeps a history (and this node has a history store)."""
+        return self.streams is not None and self.streams.keeps_history(channel)
+
+    async def subscribe_stream(self, conn: HubConnection, channel: str, *,
+                               since: StreamPosition | None, last: int | None,
+                               ack: Callable[[Catchup], bytes]) -> None:
+        """Subscribe ``conn`` to the history channel ``channel`` (again, if it already is):
+        the ack ``ack(catchup)``, then what ``since``/``last`` ask for, then live, with no
+        gap and no duplicate between them (:meth:`hub.streams.Streams.catch_up`). Raises
+        :class:`BrokerUnavailable` as :meth:`subscribe` does, or when the history cannot be
+        read; ``conn`` is then not subscribed (unless it already was)."""
+        streams = self.streams
+        assert streams is not None
+        was = channel in (self.registry.channels_of.get(conn) or ())
+        streams.hold(conn, channel)
+        await self.subscribe(conn, channel)
+        try:
+            await streams.catch_up(conn, channel, since=since, last=last, ack=ack)
+        except BrokerUnavailable:
+            if not was:
+                self.unsubscribe(conn, channel)
             raise
 
     def unsubscribe(self, conn: HubConnection, channel: str) -> None:
         """Unsubscribe ``conn``; the broker lets go of the channel in the background."""
+        if self.streams is not None:
+            self.streams.forget(conn, channel)
         if self.registry.unsubscribe(conn, channel):
-            self.spawn(self.sync(channel))
+            self._emptied(channel)
+
+    def _emptied(self, channel: str) -> None:
+        """``channel`` lost its last local subscriber."""
+        if self.streams is not None:
+            self.streams.closed(channel)
+        self.spawn(self.sync(channel))
 
     async def sync(self, channel: str) -> None:
         """Make the broker subscription of ``channel`` match the registry."""
@@ -253,8 +324,16 @@ class Node:
             if entry[1] == 0:
                 del self._locks[channel]
 
-    async def publish(self, channel: str, payload: bytes) -> int:
-        """Publish through the broker (so every process delivers it); see Broker.publish."""
+    async def publish(self, channel: str, payload: bytes,
+                      idempotency_key: str | None = None) -> int | StreamPosition:
+        """Publish through the broker (so every process delivers it; see Broker.publish), or
+        into the history of a history channel: then the position of the message is returned.
+        Raises :class:`BrokerUnavailable` when Redis does not take it."""
+        if self.streams is not None and self.streams.keeps_history(channel):
+            try:
+                return await self.streams.publish(channel, payload, idempotency_key)
+            except Exception as exc:
+                raise BrokerUnavailable(f"publish into history failed: {exc}") from None
         return await self.broker.publish(channel, payload)
 
     # -- closing ---------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import orjson
 
+from .brokers.base import StreamPosition
 from .channels import RESERVED_PREFIXES
 from .exceptions import ProtocolError
 
@@ -31,11 +32,13 @@ __all__ = [
     "CLOSE_TOKEN_EXPIRED",
     "CLOSE_TOO_MANY_CONNECTIONS",
     "ERROR_CODES",
+    "MAX_HISTORY_LIMIT",
     "MAX_TOKEN_BYTES",
     "OPS",
     "Command",
     "CommandId",
     "Connect",
+    "History",
     "Ping",
     "Publish",
     "Refresh",
@@ -47,16 +50,19 @@ __all__ = [
     "encode_data",
     "error_frame",
     "gap_frame",
+    "history_frame",
     "message_frame",
     "parse_command",
     "parse_connect",
     "payload_to_json",
     "pong_frame",
+    "position_ack_frame",
+    "stream_gap_frame",
 ]
 
 #: Valid channel names: 1 to 128 characters of letters, digits and ``_ . : @ / -``.
 CHANNEL_RE = re.compile(r"[A-Za-z0-9_.:@/-]{1,128}")
-OPS = ("connect", "subscribe", "unsubscribe", "publish", "ping", "refresh")
+OPS = ("connect", "subscribe", "unsubscribe", "publish", "ping", "refresh", "history")
 
 #: Tokens longer than this many characters are refused (``connect`` here; the handshake and
 #: ``refresh`` in :func:`hub.auth.verify_token`). Re-exported as ``hub.auth.MAX_TOKEN_BYTES``.
@@ -72,6 +78,8 @@ ERROR_CODES = {
     "limit_exceeded": "the connection already has --max-subscriptions subscriptions",
     "rate_limited": "more commands than --rate-limit allows; the command was dropped",
     "unavailable": "the broker (Redis) could not confirm the operation in time; retry",
+    "no_history": "history, since, last or an idempotency_key on a channel whose namespace "
+                  "keeps no history",
     "unauthorized": "the token of a refresh is missing, invalid, expired or for another user",
 }
 
@@ -108,14 +116,38 @@ _MAX_ID_LEN = 64
 CommandId = int | str | None
 
 
+#: Largest ``last`` of a subscribe and ``limit`` of a history command.
+MAX_HISTORY_LIMIT = 1000
+#: Longest ``epoch`` a client may send back, and longest ``idempotency_key``, in characters.
+MAX_EPOCH_LEN = 64
+MAX_IDEMPOTENCY_KEY_LEN = 64
+
+
 @dataclass(frozen=True, slots=True)
 class Subscribe:
     """``{"op":"subscribe","channel":...}``: ``channel`` is a valid name (not yet checked
-    against the connection's permissions)."""
+    against the connection's permissions). On a history channel ``since`` asks for recovery
+    from that position and ``last`` (1 to :data:`MAX_HISTORY_LIMIT`) for the most recent
+    messages first; None when absent."""
 
     channel: str
     id: CommandId = None
+    since: StreamPosition | None = None
+    last: int | None = None
     op: ClassVar[str] = "subscribe"
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """``{"op":"history","channel":...,"limit":N,"since":{...}}``: the ``limit`` (1 to
+    :data:`MAX_HISTORY_LIMIT`, default 100) most recent messages, or with ``since`` the
+    first ``limit`` after it."""
+
+    channel: str
+    id: CommandId = None
+    limit: int = 100
+    since: StreamPosition | None = None
+    op: ClassVar[str] = "history"
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +167,7 @@ class Publish:
     channel: str
     data: bytes
     id: CommandId = None
+    idempotency_key: str | None = None
     op: ClassVar[str] = "publish"
 
 
@@ -167,7 +200,7 @@ class Refresh:
 
 #: One parsed client command: one frozen dataclass per op of :data:`OPS`; each has the
 #: client's ``id`` and its ``op`` name as a class attribute.
-Command = Subscribe | Unsubscribe | Publish | Ping | Connect | Refresh
+Command = Subscribe | Unsubscribe | Publish | Ping | Connect | Refresh | History
 
 
 def parse_command(frame: str | bytes) -> Command:
@@ -182,14 +215,26 @@ def parse_command(frame: str | bytes) -> Command:
     """
     obj, cid, op = _envelope(frame)
     if op == "subscribe":
-        return Subscribe(check_channel(obj.get("channel"), cid), cid)
+        channel = check_channel(obj.get("channel"), cid)
+        since = _position(obj.get("since"), cid)
+        last = _count(obj, "last", None, cid)
+        return Subscribe(channel, cid, since, last)
+    if op == "history":
+        channel = check_channel(obj.get("channel"), cid)
+        return History(channel, cid, _count(obj, "limit", 100, cid) or 100,
+                       _position(obj.get("since"), cid))
     if op == "unsubscribe":
         return Unsubscribe(check_channel(obj.get("channel"), cid), cid)
     if op == "publish":
         channel = check_channel(obj.get("channel"), cid)
         if "data" not in obj:
             raise ProtocolError("bad_request", "publish needs a 'data' field", cid)
-        return Publish(channel, encode_data(obj["data"], cid), cid)
+        key = obj.get("idempotency_key")
+        if key is not None and (not isinstance(key, str) or not key
+                                or len(key) > MAX_IDEMPOTENCY_KEY_LEN):
+            raise ProtocolError("bad_request", f"idempotency_key must be a string of 1 to "
+                                f"{MAX_IDEMPOTENCY_KEY_LEN} characters", cid)
+        return Publish(channel, encode_data(obj["data"], cid), cid, key)
     if op == "ping":
         return Ping(cid)
     if op == "connect":
@@ -217,6 +262,32 @@ def parse_connect(frame: str | bytes) -> Connect | None:
     if op != "connect":
         return None
     return Connect(_connect_token(obj, cid), cid)
+
+
+def _position(value: object, cid: object) -> StreamPosition | None:
+    """The ``since`` field: None when absent, else ``{"offset": int >= 0, "epoch": str}``."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ProtocolError("bad_request", "since must be an object {offset, epoch}", cid)
+    offset, epoch = value.get("offset"), value.get("epoch")
+    if (isinstance(offset, bool) or not isinstance(offset, int) or offset < 0
+            or not isinstance(epoch, str) or not epoch or len(epoch) > MAX_EPOCH_LEN):
+        raise ProtocolError("bad_request", f"since needs an integer offset >= 0 and an epoch "
+                            f"string of 1 to {MAX_EPOCH_LEN} characters", cid)
+    return StreamPosition(offset, epoch)
+
+
+def _count(obj: dict[str, Any], name: str, default: int | None, cid: object) -> int | None:
+    """An optional count field (``last``, ``limit``): 1 to :data:`MAX_HISTORY_LIMIT`."""
+    value = obj.get(name)
+    if value is None:
+        return default
+    if (isinstance(value, bool) or not isinstance(value, int)
+            or not 1 <= value <= MAX_HISTORY_LIMIT):
+        raise ProtocolError("bad_request", f"{name} must be an integer from 1 to "
+                            f"{MAX_HISTORY_LIMIT}", cid)
+    return value
 
 
 def _connect_token(obj: dict[str, Any], cid: object) -> str:
@@ -287,10 +358,44 @@ def payload_to_json(payload: bytes) -> bytes:
         return orjson.dumps(payload.decode("utf-8", "replace"))
 
 
-def message_frame(channel_json: bytes, data_json: bytes) -> bytes:
+def message_frame(channel_json: bytes, data_json: bytes, offset: int | None = None) -> bytes:
     """``{"type":"message","channel":...,"data":...}`` from the already-encoded channel name
-    and data. Built once per message per process, never per recipient."""
-    return b'{"type":"message","channel":' + channel_json + b',"data":' + data_json + b"}"
+    and data, with ``"offset":N`` on a history channel. Built once per message per process,
+    never per recipient."""
+    if offset is None:
+        return b'{"type":"message","channel":' + channel_json + b',"data":' + data_json + b"}"
+    return (b'{"type":"message","channel":' + channel_json + b',"data":' + data_json
+            + b',"offset":%d}' % offset)
+
+
+def position_ack_frame(cid: object, offset: int, epoch: str,
+                       recovered: bool | None = None) -> bytes:
+    """``{"type":"ack","id":<id>,"offset":N,"epoch":"..."}`` (the ack of a subscribe to, or a
+    publish into, a history channel), with ``"recovered":true|false`` when the subscribe
+    asked for recovery with ``since``."""
+    body: dict[str, object] = {"type": "ack", "id": cid, "offset": offset, "epoch": epoch}
+    if recovered is not None:
+        body["recovered"] = recovered
+    return orjson.dumps(body)
+
+
+def history_frame(cid: object, channel: str, offset: int, epoch: str,
+                  messages: list[tuple[int, bytes]]) -> bytes:
+    """``{"type":"history","id":..,"channel":..,"offset":N,"epoch":"..","messages":[{"offset":
+    ..,"data":..},...]}``; ``messages`` are ``(offset, data JSON)`` pairs, oldest first."""
+    head = orjson.dumps({"type": "history", "id": cid, "channel": channel, "offset": offset,
+                         "epoch": epoch})
+    items = b",".join(b'{"offset":%d,"data":%s}' % (o, data) for o, data in messages)
+    return head[:-1] + b',"messages":[' + items + b"]}"
+
+
+def stream_gap_frame(channel: str, first: int | None, last: int | None,
+                     epoch: str | None) -> bytes:
+    """``{"type":"gap","channels":[<channel>],"from":F,"to":L,"epoch":"..."}``: offsets F to L
+    of a history channel are lost (``to`` null: up to the current epoch's start or unknown;
+    ``from`` null: unknown); ``epoch`` is the channel's current epoch (null when unknown)."""
+    return orjson.dumps({"type": "gap", "channels": [channel], "from": first, "to": last,
+                         "epoch": epoch})
 
 
 def ack_frame(cid: object) -> bytes:

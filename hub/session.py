@@ -17,6 +17,7 @@ import time
 from websockets.exceptions import ConnectionClosed
 
 from .auth import Identity, verify_token
+from .brokers.base import StreamPosition
 from .channels import ChannelRules, personal_channel
 from .connection import HubConnection
 from .exceptions import AuthError, BrokerUnavailable, ProtocolError, TokenExpired
@@ -33,6 +34,7 @@ from .protocol import (
     Command,
     CommandId,
     Connect,
+    History,
     Ping,
     Publish,
     Refresh,
@@ -41,9 +43,12 @@ from .protocol import (
     ack_frame,
     connect_ack_frame,
     error_frame,
+    history_frame,
     parse_command,
     parse_connect,
+    payload_to_json,
     pong_frame,
+    position_ack_frame,
 )
 
 __all__ = ["Sessions"]
@@ -296,22 +301,29 @@ class Sessions:
         self.metrics.errors.labels(exc.code).inc()
         return error_frame(exc.code, exc.message, exc.id)
 
-    async def _run(self, conn: HubConnection, cmd: Command) -> bytes:
-        """The reply to ``cmd``; raises :class:`ProtocolError` for an error reply."""
+    async def _run(self, conn: HubConnection, cmd: Command) -> bytes | None:
+        """The reply to ``cmd`` (None: already written, as the ack of a subscribe to a history
+        channel is); raises :class:`ProtocolError` for an error reply."""
         match cmd:
-            case Subscribe(channel, cid):
-                await self._subscribe(conn, channel, cid)
-                return ack_frame(cid)
+            case Subscribe(channel, cid, since, last):
+                return await self._subscribe(conn, channel, cid, since, last)
+            case History(channel, cid, limit, since):
+                return await self._history(conn, channel, cid, limit, since)
             case Unsubscribe(channel, cid):
                 if not self.rules.is_implicit(conn.user, channel):
                     self.node.unsubscribe(conn, channel)
                 return ack_frame(cid)
-            case Publish(channel, data, cid):
+            case Publish(channel, data, cid, key):
                 self.rules.check_publish(channel, cid)
+                if key is not None and not self.node.keeps_history(channel):
+                    raise ProtocolError("no_history", "idempotency_key needs a history "
+                                        "channel", cid)
                 try:
-                    await self.node.publish(channel, data)
+                    result = await self.node.publish(channel, data, key)
                 except BrokerUnavailable as exc:
                     raise ProtocolError("unavailable", str(exc), cid) from None
+                if isinstance(result, StreamPosition):
+                    return position_ack_frame(cid, result.offset, result.epoch)
                 return ack_frame(cid)
             case Ping(cid):
                 return pong_frame(cid)
@@ -321,20 +333,50 @@ class Sessions:
                                     else "authentication is off", cid)
             case Refresh(token, cid):
                 return self._refresh(conn, token, cid)
+        return None  # unreachable: every command type is matched above
 
-    async def _subscribe(self, conn: HubConnection, channel: str, cid: CommandId) -> None:
+    async def _subscribe(self, conn: HubConnection, channel: str, cid: CommandId,
+                         since: StreamPosition | None, last: int | None) -> bytes | None:
         self.rules.check_subscribe(conn.user, conn.private, channel, cid)
+        history = self.node.keeps_history(channel)
+        if not history and (since is not None or last is not None):
+            raise ProtocolError("no_history", "since and last need a history channel", cid)
         subscribed = self.node.channels_of(conn)
-        if subscribed is None or channel in subscribed:  # closed meanwhile, or already
-            return
-        personal = 1 if conn.user is not None else 0
-        if len(subscribed) - personal >= self.max_subscriptions:
-            raise ProtocolError("limit_exceeded", f"at most {self.max_subscriptions} "
-                                "subscriptions", cid)
+        if subscribed is None:  # closed meanwhile
+            return ack_frame(cid)
+        if channel not in subscribed:
+            personal = 1 if conn.user is not None else 0
+            if len(subscribed) - personal >= self.max_subscriptions:
+                raise ProtocolError("limit_exceeded", f"at most {self.max_subscriptions} "
+                                    "subscriptions", cid)
+        elif not history:
+            return ack_frame(cid)
         try:
+            if history:
+                # The ack goes out from inside, before the replay and the live messages.
+                await self.node.subscribe_stream(
+                    conn, channel, since=since, last=last,
+                    ack=lambda c: position_ack_frame(cid, c.position.offset, c.position.epoch,
+                                                     c.recovered))
+                return None
             await self.node.subscribe(conn, channel)
         except BrokerUnavailable as exc:
             raise ProtocolError("unavailable", str(exc), cid) from None
+        return ack_frame(cid)
+
+    async def _history(self, conn: HubConnection, channel: str, cid: CommandId, limit: int,
+                       since: StreamPosition | None) -> bytes:
+        self.rules.check_subscribe(conn.user, conn.private, channel, cid)
+        streams = self.node.streams
+        if streams is None or not streams.keeps_history(channel):
+            raise ProtocolError("no_history", "the channel keeps no history", cid)
+        try:
+            read = await streams.read(channel, since=since, limit=limit)
+        except Exception as exc:
+            raise ProtocolError("unavailable", f"history unavailable: {exc}", cid) from None
+        return history_frame(cid, channel, read.position.offset, read.position.epoch,
+                             [(p.offset or 0, payload_to_json(p.payload))
+                              for p in read.publications])
 
     def _refresh(self, conn: HubConnection, token: str, cid: CommandId) -> bytes:
         secret = self.jwt_secret
