@@ -30,6 +30,7 @@ __all__ = [
     "CLOSE_SLOW_CONSUMER",
     "CLOSE_TOKEN_EXPIRED",
     "ERROR_CODES",
+    "MAX_PUBLISH_MEMBERS",
     "MAX_TOKEN_BYTES",
     "OPS",
     "Command",
@@ -175,7 +176,8 @@ def parse_command(frame: str | bytes) -> Command:
     binary one. Raises :class:`ProtocolError` with code ``bad_request`` (binary frame, invalid
     JSON, nesting deeper than 1024 levels (orjson's limit since 3.9.15), not an object,
     unknown op, missing or wrong-typed field, a connect token longer than
-    :data:`MAX_TOKEN_BYTES` characters) or ``bad_channel``; the error carries the command's
+    :data:`MAX_TOKEN_BYTES` characters, a publish of more than :data:`MAX_PUBLISH_MEMBERS`
+    fields) or ``bad_channel``; the error carries the command's
     id when it was read.
 
     A publish's ``data`` is the client's own text of the value (:func:`data_span`), UTF-8
@@ -192,7 +194,10 @@ def parse_command(frame: str | bytes) -> Command:
         if "data" not in obj:
             raise ProtocolError("bad_request", "publish needs a 'data' field", cid)
         assert isinstance(frame, str)  # _envelope refused bytes
-        start, end = data_span(frame)
+        try:
+            start, end = data_span(frame)
+        except ValueError as exc:  # too many members
+            raise ProtocolError("bad_request", str(exc), cid) from None
         return Publish(channel, frame[start:end].encode(), cid)
     if op == "ping":
         return Ping(cid)
@@ -268,6 +273,9 @@ _WS_CHARS = " \t\n\r"
 # between): the key (group 1) and, when it is a string or a scalar, the value (group 2).
 _MEMBER = re.compile(r'[ \t\n\r,]*("[^"\\]*(?:\\.[^"\\]*)*")[ \t\n\r]*:[ \t\n\r]*'
                      r'("[^"\\]*(?:\\.[^"\\]*)*"|[^ \t\n\r,\]}\[{"]+)?', re.DOTALL)
+#: Top-level members a publish frame may have (``op``, ``channel``, ``data``, ``id`` and
+#: unknown ones, repeated keys counted each time): bounds data_span's work per frame.
+MAX_PUBLISH_MEMBERS = 64
 #: Characters of the first window in which _container_end looks for the end of a container
 #: after the first one (the first one gets the whole rest of the text).
 _WINDOW = 512
@@ -280,18 +288,22 @@ def data_span(text: str) -> tuple[int, int]:
     ``text`` must be a JSON object that :func:`orjson.loads` accepted (on other text the
     result is undefined); the key may be written with escapes (``"d\\u0061ta"``) and, when
     it is repeated, the last one counts, as in orjson. Raises ValueError when there is no
-    ``"data"`` key.
+    ``"data"`` key or more than :data:`MAX_PUBLISH_MEMBERS` members.
 
     Cost: one regular-expression step per member whose value is a string or a scalar, and
     one or two :func:`orjson.loads` of each object or array value (the ``data`` of an
-    ordinary publish): C speed, whatever the depth. A frame of thousands of members costs
-    a few microseconds per member.
+    ordinary publish): C speed, whatever the depth. Members cost a few microseconds each,
+    hence their limit.
     """
     span: tuple[int, int] | None = None
     pos = text.index("{") + 1
     close = text.rindex("}")  # the object's own closing brace
     window: int | None = None  # the first container may look at the whole rest
+    members = 0
     while (member := _MEMBER.match(text, pos)) is not None:
+        members += 1
+        if members > MAX_PUBLISH_MEMBERS:
+            raise ValueError(f"a publish has at most {MAX_PUBLISH_MEMBERS} fields")
         if member.group(2) is not None:  # a string or a scalar: already whole
             start, pos = member.span(2)
         else:  # an object or an array

@@ -188,6 +188,35 @@ def test_publish_frame_nested_past_1024_is_a_bad_request():
         assert info.value.code == "bad_request", data_text
 
 
+def refused(frame: str) -> str:
+    """The error code parse_command gives ``frame``."""
+    try:
+        parse_command(frame)
+    except ProtocolError as exc:
+        return exc.code
+    raise AssertionError("accepted")
+
+
+def test_a_publish_has_at_most_64_fields_which_bounds_the_cost_of_finding_data():
+    extra = ",".join(f'"x{i}":[{i}]' for i in range(60))
+    ok = publish_frame(EXACT, before=extra + ",")  # 64 fields with op, channel, data, id
+    assert parse_command(ok).data == EXACT.encode()
+    for frame in (publish_frame(EXACT, before=extra + ',"y":1,'),
+                  '{"op":"publish","channel":"c",' + ",".join(['"data":[]'] * 63) + "}"):
+        with pytest.raises(ProtocolError) as info:
+            parse_command(frame)
+        assert (info.value.code, info.value.message) == (
+            "bad_request", "a publish has at most 64 fields")
+    # Figures for the report: the worst frames of --max-message-bytes (64 KiB).
+    for name, frame in (
+            ("6500 data keys", '{"op":"publish","channel":"c",'
+             + ",".join(['"data":[]'] * 6500) + "}"),
+            ("7200 [[]] fields", '{"op":"publish","channel":"c","data":1,'
+             + ",".join(['"a":[[]]'] * 7200) + "}")):
+        best = min(timeit.repeat(lambda f=frame: refused(f), number=5, repeat=3)) / 5
+        print(f"\n{name}: {len(frame)} bytes refused in {best * 1e3:.2f} ms")
+
+
 WS = st.sampled_from(["", " ", "\n", "\t", "\r\n  "])
 NUMBERS = st.one_of(
     st.integers(min_value=-(10**40), max_value=10**40).map(str),
