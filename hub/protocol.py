@@ -128,8 +128,8 @@ class Unsubscribe:
 
 @dataclass(frozen=True, slots=True)
 class Publish:
-    """``{"op":"publish","channel":...,"data":...}``: ``data`` is the payload already
-    serialised to JSON bytes."""
+    """``{"op":"publish","channel":...,"data":...}``: ``data`` is the client's own JSON
+    text of the value, UTF-8 encoded (valid JSON, delivered unchanged)."""
 
     channel: str
     data: bytes
