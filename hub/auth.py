@@ -10,9 +10,9 @@ With ``--jwt-secret`` a connection authenticates in one of three ways:
   frame must be ``{"op":"connect","token":"<jwt>"}`` (hub.server; browsers should use this).
 
 Later ``refresh`` commands replace the token. Claims (RFC 7519): ``sub`` (string, required)
-is the user id; ``exp`` (seconds since the epoch) is honoured; ``channels`` (optional list of
-strings) lists the ``private:`` channels the user may subscribe to, as exact names or
-prefixes ending in ``*``.
+is the user id; ``exp`` (seconds since the epoch, a JSON number) is honoured, as are ``nbf``
+and ``iat``; ``channels`` (optional list of strings) lists the ``private:`` channels the user
+may subscribe to, as exact names or prefixes ending in ``*``.
 
 Tokens are never logged: :class:`hub.exceptions.AuthError` messages name the reason only.
 """
@@ -20,6 +20,7 @@ Tokens are never logged: :class:`hub.exceptions.AuthError` messages name the rea
 from __future__ import annotations
 
 import math
+import time
 import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -63,25 +64,57 @@ def verify_token(token: str, secret: str) -> Identity:
 
     Raises :class:`TokenExpired` (an :class:`AuthError`) for a token whose ``exp`` has
     passed, :class:`AuthError` for one that is too long (> :data:`MAX_TOKEN_BYTES`
-    characters), malformed, signed with another key or algorithm, not yet valid (``nbf``),
-    or lacking a valid ``sub`` or ``channels`` claim.
+    characters), malformed, signed with another key or algorithm, not yet valid (``nbf`` or
+    ``iat`` in the future, as PyJWT), with an ``exp``, ``nbf`` or ``iat`` that is not a
+    NumericDate (RFC 7519: a JSON number; a numeric string, a boolean, null or a number
+    beyond a double's range are refused), or lacking a valid ``sub`` or ``channels`` claim.
     """
     if len(token) > MAX_TOKEN_BYTES:
         raise AuthError(f"token longer than {MAX_TOKEN_BYTES} characters")
     try:
+        # The times are checked below, after their types: PyJWT would take "exp": "123" (it
+        # calls int()) and then the connection would never expire.
         claims = jwt.decode(token, secret, algorithms=ALGORITHMS,
-                            options={"require": ["sub"]})
-    except jwt.ExpiredSignatureError:
-        raise TokenExpired("token expired") from None
+                            options={"require": ["sub"], "verify_exp": False,
+                                     "verify_nbf": False, "verify_iat": False})
     except jwt.InvalidTokenError as exc:
         raise AuthError(f"invalid token ({type(exc).__name__})") from None
+    times = {name: _numeric_date(claims, name) for name in _TIME_CLAIMS}
+    now = time.time()
+    exp = times["exp"]
+    if exp is not None and exp <= now:
+        raise TokenExpired("token expired")
+    for name in ("nbf", "iat"):  # as PyJWT: a token is not valid before either
+        value = times[name]
+        if value is not None and value > now:
+            raise AuthError(f"invalid token (not yet valid: {name})")
     user = check_user_id(claims["sub"])
     channels = claims.get("channels", [])
     if not isinstance(channels, list) or not all(isinstance(c, str) for c in channels):
         raise AuthError("the channels claim must be a list of strings")
-    exp = claims.get("exp")
-    expires_at = float(exp) if isinstance(exp, (int, float)) and math.isfinite(exp) else None
-    return Identity(user, tuple(channels), expires_at)
+    return Identity(user, tuple(channels), exp)
+
+
+#: The claims that are times: NumericDate values (RFC 7519 section 2).
+_TIME_CLAIMS = ("exp", "nbf", "iat")
+
+
+def _numeric_date(claims: dict[str, object], name: str) -> float | None:
+    """The claim ``name`` as seconds since the epoch, None when absent. Raises AuthError
+    unless it is a NumericDate: a JSON number (not a string such as ``"1767225600"``, not
+    a boolean) that is finite as a double."""
+    if name not in claims:
+        return None
+    value = claims[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise AuthError(f"invalid token (the {name} claim is not a number)")
+    try:
+        seconds = float(value)
+    except OverflowError:  # an integer beyond a double's range
+        seconds = math.inf
+    if not math.isfinite(seconds):
+        raise AuthError(f"invalid token (the {name} claim is out of range)")
+    return seconds
 
 
 def identify(path: str, authorization: str | None, secret: str | None) -> Identity | None:
@@ -92,18 +125,23 @@ def identify(path: str, authorization: str | None, secret: str | None) -> Identi
     non-empty ``token`` query parameter, must verify (:func:`verify_token`). None when the
     handshake offers no token at all (no Bearer header, no ``token`` parameter): the
     connection is to authenticate in-band with ``connect``. Without a secret (development
-    mode): the ``user`` query parameter, if any, is the user id, unchecked.
-    Raises :class:`AuthError` (the handshake answers 401; 400 for a bad ``user`` parameter
-    when auth is off) for a bad token, an empty Bearer header or ``token`` parameter, or
-    more than 16 query parameters.
+    mode): the ``user`` query parameter, if any, is the user id (:func:`check_user_id`);
+    without one the connection is anonymous.
+    Raises :class:`AuthError` (the handshake answers 401; 400 when auth is off) for a bad
+    token, an empty Bearer header or ``token`` parameter, more than 16 query parameters,
+    and without a secret for a ``user`` parameter that is empty (``?user=``, ``?user``),
+    not a valid user id, or given more than once (``?user=&user=x``, even with equal
+    values: one handshake names one user).
     """
     try:
         query = parse_qs(path.partition("?")[2], keep_blank_values=True, max_num_fields=16)
     except ValueError:
         raise AuthError("more than 16 query parameters") from None
     if secret is None:
-        user = next((u for u in query.get("user", ()) if u), None)
-        return Identity(check_user_id(user) if user is not None else None)
+        users = query.get("user", [])
+        if len(users) > 1:
+            raise AuthError("more than one user parameter")
+        return Identity(check_user_id(users[0]) if users else None)
     token = None
     if authorization is not None:
         scheme, _, credentials = authorization.partition(" ")

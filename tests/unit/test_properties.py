@@ -195,8 +195,14 @@ def test_valid_commands_round_trip_whatever_the_encoder(cmd, encoder, extra):
         assert isinstance(parsed, Publish) and orjson.loads(parsed.data) == cmd["data"]
     else:
         assert not hasattr(parsed, "data")
-    # Same command, same parse, however it was written.
-    assert parse_command(json_text(obj)) == parsed
+    # Same command, same parse, however it was written; a publish's data is the client's
+    # own text of the value (docs/protocol.md section 3), so its value is what is the same.
+    again = parse_command(json_text(obj))
+    if isinstance(parsed, Publish) and isinstance(again, Publish):
+        assert orjson.loads(again.data) == orjson.loads(parsed.data)
+        assert (again.channel, again.id) == (parsed.channel, parsed.id)
+    else:
+        assert again == parsed
 
 
 @SETTINGS

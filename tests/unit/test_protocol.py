@@ -53,7 +53,7 @@ def test_parse_valid_commands():
     ('{"op":"ping","id":1.5}', "bad_request"),
     ('{"op":"ping","id":"' + "x" * 65 + '"}', "bad_request"),
     ('{"op":"subscribe"}', "bad_request"),
-    ('{"op":"subscribe","channel":1}', "bad_channel"),
+    ('{"op":"subscribe","channel":1}', "bad_request"),
     ('{"op":"subscribe","channel":"a b"}', "bad_channel"),
     ('{"op":"subscribe","channel":"USER:alice"}', "bad_channel"),
     ('{"op":"subscribe","channel":"Private:x"}', "bad_channel"),
