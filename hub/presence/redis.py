@@ -1,0 +1,240 @@
+"""Presence in one Redis (or one Redis Cluster), through the hub's one Function library.
+
+The functions ``hub_presence_*`` live in the ``hub`` library of :mod:`hub.history`
+(``hub/history/functions.lua``, version 2 and later) and are loaded by the same
+:func:`hub.history.ensure_functions`, under the same version rule: one library, one version,
+for every capability of the hub. Every call that fails with "Function not found" loads the
+library and is retried once (nothing ran). docs/presence-format.md is the contract.
+
+Keys: a channel's entries are in ``{<prefix><channel>}:p`` (hash) and ``{...}:pz`` (sorted
+set of expiries), in the slot of the channel's key, like its history. The *index* of channels
+with entries (channel key -> earliest expiry) must be updated in the same atomic call, so it
+must share that slot: with one Redis (or each of several independent shards) it is the one key
+``{<prefix>}presence:channels``; in a Redis Cluster it is one key per slot,
+``{<prefix>presence:<n>}:channels`` with the smallest ``n >= 0`` whose key hashes to the
+channel's slot (:func:`index_key`), and the set ``{<prefix>presence}:indexes`` lists the index
+keys in use (a process adds to it before writing entries; it is never shrunk, at most 16384
+members).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ..history.redis import ensure_functions
+from .base import ClientInfo, Presence, PresenceStats, pack_info, unpack_info
+
+__all__ = ["RedisPresence", "index_key", "registry_key"]
+
+AnyRedis = aioredis.Redis | RedisCluster
+
+
+def _not_found(exc: BaseException) -> bool:
+    return isinstance(exc, ResponseError) and "function not found" in str(exc).lower()
+
+
+@functools.cache
+def _slot_tags(prefix: str) -> tuple[int, ...]:
+    """For each cluster slot, the smallest ``n`` whose ``<prefix>presence:<n>`` hashes to it."""
+    tags = [-1] * REDIS_CLUSTER_HASH_SLOTS
+    missing, n = REDIS_CLUSTER_HASH_SLOTS, 0
+    while missing:
+        slot = key_slot(f"{prefix}presence:{n}".encode())
+        if tags[slot] < 0:
+            tags[slot] = n
+            missing -= 1
+        n += 1
+    return tuple(tags)
+
+
+def index_key(prefix: str, channel: str, *, cluster: bool) -> str:
+    """The index key that ``channel``'s presence functions update: ``{<prefix>}presence:
+    channels`` without a cluster, ``{<prefix>presence:<n>}:channels`` in the slot of
+    ``<prefix><channel>`` in a Redis Cluster (the first call builds a table of 16384 tags,
+    about a tenth of a second)."""
+    if not cluster:
+        return "{" + prefix + "}presence:channels"
+    n = _slot_tags(prefix)[key_slot((prefix + channel).encode())]
+    return "{" + f"{prefix}presence:{n}" + "}:channels"
+
+
+def registry_key(prefix: str) -> str:
+    """The set of the index keys in use in a Redis Cluster: ``{<prefix>presence}:indexes``."""
+    return "{" + prefix + "presence}:indexes"
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _pairs(reply: Sequence[Any]) -> list[ClientInfo]:
+    return [unpack_info(_text(reply[i]), reply[i + 1]) for i in range(0, len(reply) - 1, 2)]
+
+
+class RedisPresence(Presence):
+    """Presence in the Redis of ``client`` (a ``redis.asyncio.Redis`` or ``RedisCluster`` built
+    by the caller; the store never closes it).
+
+    ``prefix``: the hub's Redis prefix (``hub:``, no brace). ``batch``: at most this many
+    entries per ``FCALL`` and this many ``FCALL`` per pipeline in :meth:`refresh`. With
+    several independent shards, build one store per shard client and pick it by
+    :func:`hub.sharding.shard_index`, as the brokers and the history do; sweep every shard.
+    """
+
+    def __init__(self, client: AnyRedis, *, prefix: str = "hub:", batch: int = 1000) -> None:
+        if "{" in prefix or "}" in prefix:
+            raise ValueError("presence needs a prefix without braces (it adds its own "
+                             "hash tags)")
+        if batch < 1:
+            raise ValueError("batch must be at least 1")
+        self.client = client
+        self.prefix = prefix
+        self.batch = batch
+        self.cluster = isinstance(client, RedisCluster)
+        self._loading = asyncio.Lock()
+        self.loads = 0  # times the library was (re)loaded by this store
+
+    def key(self, channel: str) -> str:
+        """The declared key of ``channel``: ``<prefix><channel>``."""
+        return self.prefix + channel
+
+    def index(self, channel: str) -> str:
+        """The index key of ``channel`` (:func:`index_key`)."""
+        return index_key(self.prefix, channel, cluster=self.cluster)
+
+    async def ensure_functions(self) -> int:
+        """:func:`hub.history.ensure_functions` for this store's client, once at a time."""
+        async with self._loading:
+            self.loads += 1
+            return await ensure_functions(self.client)
+
+    async def _fcall(self, function: str, keys: Sequence[str], *args: Any, safe: bool) -> Any:
+        connection_retry = safe
+        loaded = False
+        while True:
+            try:
+                return await self.client.fcall(function, len(keys), *keys, *args)
+            except ResponseError as exc:
+                if loaded or not _not_found(exc):
+                    raise
+                loaded = True
+                await self.ensure_functions()
+            except (RedisConnectionError, RedisTimeoutError):
+                if not connection_retry:
+                    raise
+                connection_retry = False
+
+    async def _register(self, indexes: Iterable[str]) -> None:
+        if self.cluster:
+            names = sorted(set(indexes))
+            if names:
+                await self.client.sadd(registry_key(self.prefix), *names)
+
+    async def add(self, channel: str, info: ClientInfo, *, ttl: float) -> bool:
+        if not ttl > 0:
+            raise ValueError("a presence ttl must be positive")
+        index = self.index(channel)
+        await self._register([index])
+        reply = await self._fcall("hub_presence_add", (self.key(channel), index),
+                                  repr(float(ttl)), info.client, pack_info(info), safe=True)
+        return bool(int(reply[0]))
+
+    async def remove(self, channel: str, client: str) -> bool:
+        # not retried after a connection error: it may have been applied, and a retry would
+        # answer False, so nobody would report the leave
+        reply = await self._fcall("hub_presence_remove", (self.key(channel), self.index(channel)),
+                                  client, safe=False)
+        return bool(int(reply))
+
+    async def refresh(self, entries: Iterable[tuple[str, ClientInfo]], *,
+                      ttl: float) -> list[tuple[str, ClientInfo]]:
+        if not ttl > 0:
+            raise ValueError("a presence ttl must be positive")
+        by_channel: dict[str, list[ClientInfo]] = {}
+        for channel, info in entries:
+            by_channel.setdefault(channel, []).append(info)
+        ttl_arg = repr(float(ttl))
+        calls: list[tuple[str, list[ClientInfo]]] = []
+        for channel, infos in by_channel.items():
+            for i in range(0, len(infos), self.batch):
+                calls.append((channel, infos[i:i + self.batch]))
+        await self._register(self.index(channel) for channel in by_channel)
+        created: list[tuple[str, ClientInfo]] = []
+        for i in range(0, len(calls), self.batch):
+            part = calls[i:i + self.batch]
+            replies = await self._pipeline_adds(part, ttl_arg)
+            for (channel, infos), reply in zip(part, replies, strict=True):
+                created.extend((channel, info) for info, flag in zip(infos, reply, strict=True)
+                               if int(flag))
+        return created
+
+    async def _pipeline_adds(self, calls: list[tuple[str, list[ClientInfo]]],
+                             ttl_arg: str) -> list[Any]:
+        """One pipeline (one round trip per Redis node) of ``hub_presence_add`` calls; after
+        "Function not found" the library is loaded and the failed calls are sent again (they
+        did nothing, and an add is idempotent anyway)."""
+        replies: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for attempt in range(2):
+            pipe = self.client.pipeline(transaction=False)
+            for n in todo:
+                channel, infos = calls[n]
+                args: list[Any] = [ttl_arg]
+                for info in infos:
+                    args += (info.client, pack_info(info))
+                pipe.fcall("hub_presence_add", 2, self.key(channel), self.index(channel), *args)
+            results = await pipe.execute(raise_on_error=False)
+            again = []
+            for n, result in zip(todo, results, strict=True):
+                if isinstance(result, BaseException):
+                    if not (_not_found(result) and attempt == 0):
+                        raise result
+                    again.append(n)
+                else:
+                    replies[n] = result
+            if not again:
+                break
+            await self.ensure_functions()
+            todo = again
+        return replies
+
+    async def clients(self, channel: str) -> list[ClientInfo]:
+        reply = await self._fcall("hub_presence_clients", (self.key(channel),), safe=True)
+        return _pairs(reply)
+
+    async def stats(self, channel: str) -> PresenceStats:
+        reply = await self._fcall("hub_presence_stats", (self.key(channel),), safe=True)
+        return PresenceStats(int(reply[0]), int(reply[1]))
+
+    async def expire(self, channel: str, *, limit: int = 1000) -> list[ClientInfo]:
+        # not retried after a connection error: the entries may be deleted already and a
+        # retry would not return them (their leaves would be lost, never reported twice)
+        reply = await self._fcall("hub_presence_expire", (self.key(channel), self.index(channel)),
+                                  max(1, limit), safe=False)
+        return _pairs(reply)
+
+    async def channels_with_expired(self, *, limit: int = 1000) -> list[str]:
+        limit = max(1, limit)
+        if self.cluster:
+            indexes = sorted(_text(k) for k in await self.client.smembers(
+                registry_key(self.prefix)))
+        else:
+            indexes = [self.index("")]
+        keys: list[str] = []
+        for index in indexes:
+            if len(keys) >= limit:
+                break
+            reply = await self._fcall("hub_presence_due", (index,), limit - len(keys),
+                                      safe=True)
+            keys.extend(_text(k) for k in reply)
+        return [k[len(self.prefix):] for k in keys if k.startswith(self.prefix)]
