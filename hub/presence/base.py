@@ -96,7 +96,8 @@ class Presence(abc.ABC):
         of round trips grows with ``len(entries) / batch``, not with the entries. Returns the
         entries that were absent and are now created again (deleted by :meth:`expire` after
         this process stalled longer than ``ttl``, or lost with a Redis restart): the caller
-        may announce them as joins again. Not atomic as a whole, each channel's part is."""
+        may announce them as joins again (in no particular order). Not atomic as a whole,
+        each channel's part is."""
 
     @abc.abstractmethod
     async def clients(self, channel: str) -> list[ClientInfo]:
