@@ -287,6 +287,48 @@ local function hub_presence_add(keys, args)
   return out
 end
 
+-- FCALL hub_presence_refresh <n+1> IDX K1 ... Kn <ttl> <count1> ... <countn>
+--       <client> <info> ... (count1 pairs for K1, then count2 pairs for K2, ...)
+-- -> {created 0|1, ...} one per pair, in order: hub_presence_add of many channels that share
+--    the index key IDX (so, in a Redis Cluster, one slot) in one call
+local function hub_presence_refresh(keys, args)
+  local idx = keys[1]
+  local n = #keys - 1
+  if n < 1 then return redis.error_reply('ERR hub: expected IDX and channel keys') end
+  local ttl, err = number_arg(args[1], 'ttl')
+  if err then return err end
+  if ttl <= 0 then return redis.error_reply('ERR hub: ttl must be positive') end
+  local total = 0
+  for k = 1, n do
+    local count
+    count, err = number_arg(args[1 + k], 'count')
+    if err then return err end
+    total = total + count
+  end
+  if #args ~= 1 + n + 2 * total then
+    return redis.error_reply('ERR hub: the counts do not match the <client> <info> pairs')
+  end
+  for k = 2, #keys do
+    local pkey, e = presence_keys({keys[k]})
+    if pkey == nil then return e end
+  end
+  local now = now_ms()
+  local expiry = fmt(now + ms(ttl))
+  local out = {}
+  local at = 2 + n
+  for k = 1, n do
+    local key = keys[1 + k]
+    local pkey, zkey = presence_keys({key})
+    for _ = 1, tonumber(args[1 + k]) do
+      out[#out + 1] = redis.call('HSET', pkey, args[at], args[at + 1])
+      redis.call('ZADD', zkey, expiry, args[at])
+      at = at + 2
+    end
+    reindex(key, pkey, zkey, idx, now)
+  end
+  return out
+end
+
 -- FCALL hub_presence_remove 2 K IDX <client> -> 1 when this call deleted the entry, else 0
 local function hub_presence_remove(keys, args)
   local pkey, zkey = presence_keys(keys)
@@ -369,6 +411,7 @@ local function hub_presence_due(keys, args)
 end
 
 redis.register_function('hub_presence_add', hub_presence_add)
+redis.register_function('hub_presence_refresh', hub_presence_refresh)
 redis.register_function('hub_presence_remove', hub_presence_remove)
 redis.register_function('hub_presence_expire', hub_presence_expire)
 redis.register_function{function_name = 'hub_presence_clients',
