@@ -187,11 +187,11 @@ class RedisPresence(Presence):
         ttl_arg = repr(float(ttl))
         created: list[tuple[str, ClientInfo]] = []
         for i in range(0, len(calls), self.batch):
-            part = calls[i:i + self.batch]
-            replies = await self._pipeline_refresh(part, ttl_arg)
-            for (_, call), reply in zip(part, replies, strict=True):
+            chunk = calls[i:i + self.batch]
+            replies = await self._pipeline_refresh(chunk, ttl_arg)
+            for (_, sent), reply in zip(chunk, replies, strict=True):
                 flags = iter(reply)
-                created.extend((channel, info) for channel, infos in call for info in infos
+                created.extend((channel, info) for channel, infos in sent for info in infos
                                if int(next(flags)))
         return created
 
