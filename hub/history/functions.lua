@@ -401,13 +401,16 @@ local function hub_presence_stats(keys)
   return {#ids, count}
 end
 
--- FCALL_RO hub_presence_due 1 IDX <limit> -> {K1, K2, ...}: channel keys whose earliest
--- expiry <= now (at most <limit>, the most overdue first)
+-- FCALL_RO hub_presence_due 1 IDX <limit> -> {K1, expiry1, K2, expiry2, ...}: the channel
+-- keys whose earliest expiry (ms, Redis TIME) <= now, at most <limit>, the most overdue first
 local function hub_presence_due(keys, args)
   local limit, err = number_arg(args[1] or '1000', 'limit')
   if err then return err end
   limit = math.max(1, math.floor(limit))
-  return redis.call('ZRANGE', keys[1], '-inf', fmt(now_ms()), 'BYSCORE', 'LIMIT', 0, limit)
+  local got = redis.call('ZRANGE', keys[1], '-inf', fmt(now_ms()), 'BYSCORE', 'LIMIT', 0, limit,
+                         'WITHSCORES')
+  for i = 2, #got, 2 do got[i] = tonumber(got[i]) end
+  return got
 end
 
 redis.register_function('hub_presence_add', hub_presence_add)

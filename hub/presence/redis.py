@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -188,7 +188,9 @@ class RedisPresence(Presence):
         created: list[tuple[str, ClientInfo]] = []
         for i in range(0, len(calls), self.batch):
             chunk = calls[i:i + self.batch]
-            replies = await self._pipeline_refresh(chunk, ttl_arg)
+            replies = await self._pipeline([
+                ("hub_presence_refresh", self._refresh_args(index, sent, ttl_arg))
+                for index, sent in chunk])
             for (_, sent), reply in zip(chunk, replies, strict=True):
                 flags = iter(reply)
                 created.extend((channel, info) for channel, infos in sent for info in infos
@@ -206,17 +208,18 @@ class RedisPresence(Presence):
                 args += (info.client, pack_info(info))
         return args
 
-    async def _pipeline_refresh(self, calls: list[tuple[str, list[tuple[str, list[ClientInfo]]]]],
-                                ttl_arg: str) -> list[Any]:
-        """One pipeline (one round trip per Redis node) of ``hub_presence_refresh`` calls;
-        after "Function not found" the library is loaded and the failed calls are sent again
-        (they did nothing, and a refresh is idempotent anyway)."""
+    async def _pipeline(self, calls: Sequence[tuple[str, Sequence[Any]]]) -> list[Any]:
+        """``FCALL function *args`` for every ``(function, args)`` of ``calls`` in one pipeline
+        (one round trip per Redis node involved); the replies in order. After "Function not
+        found" the library is loaded and those calls are sent again (they did nothing). Any
+        other error is raised, after the pipeline ran: the calls that succeeded are applied."""
         replies: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
         for attempt in range(2):
             pipe = self.client.pipeline(transaction=False)
             for n in todo:
-                pipe.fcall("hub_presence_refresh", *self._refresh_args(*calls[n], ttl_arg))
+                function, args = calls[n]
+                pipe.fcall(function, *args)
             results = await pipe.execute(raise_on_error=False)
             again = []
             for n, result in zip(todo, results, strict=True):
@@ -247,18 +250,34 @@ class RedisPresence(Presence):
                                   max(1, limit), safe=False)
         return _pairs(reply)
 
-    async def channels_with_expired(self, *, limit: int = 1000) -> list[str]:
+    async def _due(self, limit: int) -> list[tuple[float, str]]:
+        """``(earliest expiry ms, channel)`` of the channels due now, the most overdue first."""
         limit = max(1, limit)
         if self.cluster:
             indexes = sorted(_text(k) for k in await self.client.smembers(
                 registry_key(self.prefix)))
         else:
             indexes = [self.index("")]
-        keys: list[str] = []
-        for index in indexes:
-            if len(keys) >= limit:
-                break
-            reply = await self._fcall("hub_presence_due", (index,), limit - len(keys),
-                                      safe=True)
-            keys.extend(_text(k) for k in reply)
-        return [k[len(self.prefix):] for k in keys if k.startswith(self.prefix)]
+        due: list[tuple[float, str]] = []
+        for i in range(0, len(indexes), self.batch):
+            replies = await self._pipeline([("hub_presence_due", (1, index, limit))
+                                            for index in indexes[i:i + self.batch]])
+            for reply in replies:
+                due += [(float(reply[j + 1]), _text(reply[j])) for j in range(0, len(reply), 2)]
+        due.sort()
+        return [(expiry, key[len(self.prefix):]) for expiry, key in due[:limit]
+                if key.startswith(self.prefix)]
+
+    async def channels_with_expired(self, *, limit: int = 1000) -> list[str]:
+        return [channel for _, channel in await self._due(limit)]
+
+    async def sweep(self, *, limit: int = 1000) -> Mapping[str, list[ClientInfo]]:
+        """As :meth:`Presence.sweep`, in two round trips (per Redis node): the due channels,
+        then one pipeline of their ``hub_presence_expire``. An error raised after the
+        pipeline ran loses the leaves of the calls that succeeded (never reports them
+        twice)."""
+        channels = [channel for _, channel in await self._due(limit)]
+        replies = await self._pipeline([
+            ("hub_presence_expire", (2, self.key(c), self.index(c), max(1, limit)))
+            for c in channels])
+        return {c: _pairs(reply) for c, reply in zip(channels, replies, strict=True) if reply}
