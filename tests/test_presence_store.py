@@ -428,3 +428,79 @@ def test_index_tags_cover_every_slot():
         channel = f"x{i}"
         assert key_slot(index_key("hub:", channel, cluster=True).encode()) == key_slot(
             ("hub:" + channel).encode())
+
+
+DYING_PROCESS = """
+import asyncio, sys
+import redis.asyncio as aioredis
+from hub.history import ensure_functions
+from hub.presence import ClientInfo, RedisPresence
+
+async def main():
+    client = aioredis.Redis(host="127.0.0.1", port=int(sys.argv[1]))
+    await ensure_functions(client)
+    store = RedisPresence(client)
+    entries = [(f"room:{i % 7}", ClientInfo(f"dead-{i}", f"u{i % 13}")) for i in range(300)]
+    await store.refresh(entries, ttl=float(sys.argv[2]))
+    print("ready", flush=True)
+    while True:  # a live process would refresh every ttl / 3; this one is about to die
+        await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_sigkilled_process_leaves_are_reported_exactly_once(redis_server):
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    proc = subprocess.Popen([sys.executable, "-c", DYING_PROCESS, str(redis_server.port), "1"],
+                            stdout=subprocess.PIPE, text=True,
+                            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    finally:
+        proc.kill()
+        proc.wait(10)
+    clients = [aclient(redis_server) for _ in range(3)]
+    survivors = [RedisPresence(c) for c in clients]
+    await survivors[0].add("room:0", ClientInfo("alive", "u0"), ttl=LONG)
+    assert await clients[0].zcard("{hub:room:0}:pz") == 43 + 1  # the dead's, live or not
+    reported: list[tuple[str, str]] = []
+
+    async def sweeper(store: RedisPresence) -> None:
+        deadline = time.monotonic() + 20
+        while len(reported) < 300 and time.monotonic() < deadline:
+            for channel, infos in (await store.sweep(limit=50)).items():
+                reported.extend((channel, i.client) for i in infos)
+            await asyncio.sleep(0.02)
+
+    await asyncio.gather(*(sweeper(s) for s in survivors))
+    assert len(reported) == len(set(reported)) == 300
+    assert {c for _, c in reported} == {f"dead-{i}" for i in range(300)}
+    assert await survivors[1].sweep() == {}
+    assert names(await survivors[2].clients("room:0")) == ["alive"]
+    for c in clients:
+        await c.aclose()
+
+
+async def test_a_sweep_is_two_round_trips(redis_server):
+    pool = aioredis.ConnectionPool(host="127.0.0.1", port=redis_server.port, socket_timeout=30,
+                                   connection_class=CountingConnection)
+    client = aioredis.Redis(connection_pool=pool)
+    await ensure_functions(client)
+    store = RedisPresence(client)
+    entries = [(f"room:{i}", ClientInfo(f"c{i}-{j}")) for i in range(300) for j in range(3)]
+    await store.refresh(entries, ttl=SHORT)
+
+    async def all_due():
+        return len(await store.channels_with_expired()) == 300
+
+    await poll(all_due, what="300 channels to be due")
+    writes = CountingConnection.writes
+    swept = await store.sweep()
+    assert CountingConnection.writes - writes == 2
+    assert sum(len(v) for v in swept.values()) == 900 and len(swept) == 300
+    await client.aclose()
