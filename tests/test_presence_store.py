@@ -504,3 +504,18 @@ async def test_a_sweep_is_two_round_trips(redis_server):
     assert CountingConnection.writes - writes == 2
     assert sum(len(v) for v in swept.values()) == 900 and len(swept) == 300
     await client.aclose()
+
+
+async def test_a_sweep_skips_a_channel_whose_call_fails(redis_server):
+    client = aclient(redis_server)
+    await ensure_functions(client)
+    store = RedisPresence(client)
+    await store.add("chat:ok", ClientInfo("c1"), ttl=SHORT)
+    await client.zadd("{hub:}presence:channels", {"hub:bad{name": 0})  # not a valid key
+
+    async def swept():
+        return await store.sweep()
+
+    assert await poll(swept, what="the sweep") == {"chat:ok": [ClientInfo("c1")]}
+    assert await store.channels_with_expired() == ["bad{name"]  # still due, nothing changed
+    await client.aclose()

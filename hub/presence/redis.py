@@ -208,11 +208,14 @@ class RedisPresence(Presence):
                 args += (info.client, pack_info(info))
         return args
 
-    async def _pipeline(self, calls: Sequence[tuple[str, Sequence[Any]]]) -> list[Any]:
+    async def _pipeline(self, calls: Sequence[tuple[str, Sequence[Any]]], *,
+                        skip_errors: bool = False) -> list[Any]:
         """``FCALL function *args`` for every ``(function, args)`` of ``calls`` in one pipeline
         (one round trip per Redis node involved); the replies in order. After "Function not
         found" the library is loaded and those calls are sent again (they did nothing). Any
-        other error is raised, after the pipeline ran: the calls that succeeded are applied."""
+        other error reply is raised after the pipeline ran (the calls that succeeded are
+        applied), or with ``skip_errors`` left as None in the replies (an error reply of these
+        functions changed nothing). A connection error is raised."""
         replies: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
         for attempt in range(2):
@@ -224,9 +227,10 @@ class RedisPresence(Presence):
             again = []
             for n, result in zip(todo, results, strict=True):
                 if isinstance(result, BaseException):
-                    if not (_not_found(result) and attempt == 0):
+                    if _not_found(result) and attempt == 0:
+                        again.append(n)
+                    elif not (skip_errors and isinstance(result, ResponseError)):
                         raise result
-                    again.append(n)
                 else:
                     replies[n] = result
             if not again:
@@ -273,11 +277,12 @@ class RedisPresence(Presence):
 
     async def sweep(self, *, limit: int = 1000) -> Mapping[str, list[ClientInfo]]:
         """As :meth:`Presence.sweep`, in two round trips (per Redis node): the due channels,
-        then one pipeline of their ``hub_presence_expire``. An error raised after the
-        pipeline ran loses the leaves of the calls that succeeded (never reports them
+        then one pipeline of their ``hub_presence_expire``. A channel whose call got an error
+        reply is left out (nothing changed, it stays due); a connection error during the
+        pipeline is raised and loses the leaves of the calls Redis ran (never reports them
         twice)."""
         channels = [channel for _, channel in await self._due(limit)]
         replies = await self._pipeline([
             ("hub_presence_expire", (2, self.key(c), self.index(c), max(1, limit)))
-            for c in channels])
+            for c in channels], skip_errors=True)
         return {c: _pairs(reply) for c, reply in zip(channels, replies, strict=True) if reply}
