@@ -1,5 +1,6 @@
 #!lua name=hub
--- The hub's Redis Function library: channel history (docs/history-format.md is the contract).
+-- The hub's Redis Function library: channel history (docs/history-format.md is the contract)
+-- and presence (docs/presence-format.md; the section "Presence" below).
 --
 -- Every function takes ONE declared key K = <prefix><channel> (no braces in it) and touches
 -- only keys that hash to K's slot ({K} is the hash tag):
@@ -10,7 +11,7 @@
 -- and publishes "<offset>:<epoch>:<payload>" on the pub/sub channel {K}:h (SPUBLISH when the
 -- server runs in cluster mode, else PUBLISH).
 
-local VERSION = 1
+local VERSION = 2
 local DEFAULT_META_TTL = 30 * 24 * 3600  -- seconds
 local IDEMPOTENCY_TTL = 300              -- seconds
 
@@ -198,6 +199,230 @@ local function hub_read(keys, args)
   end
   return out
 end
+
+-- Presence ----------------------------------------------------------------------------------
+--
+-- Per channel (declared key K = <prefix><channel>, hash tag {K}):
+--   {K}:p    hash: client id -> packed client info (a JSON object, docs/presence-format.md)
+--   {K}:pz   sorted set: client id -> expiry, Redis TIME in milliseconds
+-- both expire PRESENCE_LINGER after the channel's latest entry expiry (a backstop only).
+-- The caller's index key IDX (declared second, in K's slot: docs/presence-format.md) is a
+-- sorted set K -> the earliest expiry of K's entries, kept exact by every writing function,
+-- so that a sweep finds every channel that may hold expired entries (hub_presence_due).
+-- An entry is live while its expiry > now and expired from expiry <= now.
+
+local PRESENCE_LINGER_MS = 300000
+local CHUNK = 1000  -- ids per HMGET (Lua's unpack has a stack limit)
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function presence_keys(keys)
+  local base = base_of(keys[1])
+  if type(base) == 'table' then return nil, base end
+  return base .. ':p', base .. ':pz'
+end
+
+local function index_of(keys)
+  local idx = keys[2]
+  if idx == nil or idx == '' then
+    return nil, redis.error_reply('ERR hub: the index key (second key) is missing')
+  end
+  return idx
+end
+
+-- the index entry of K and the keys' backstop expiry, after a change
+local function reindex(key, pkey, zkey, idx, now)
+  local first = redis.call('ZRANGE', zkey, 0, 0, 'WITHSCORES')
+  if #first == 0 then
+    redis.call('DEL', pkey, zkey)
+    redis.call('ZREM', idx, key)
+    return
+  end
+  redis.call('ZADD', idx, first[2], key)
+  local last = redis.call('ZRANGE', zkey, -1, -1, 'WITHSCORES')
+  local live = math.max(1, tonumber(last[2]) - now) + PRESENCE_LINGER_MS
+  redis.call('PEXPIRE', pkey, live)
+  redis.call('PEXPIRE', zkey, live)
+end
+
+local function infos(pkey, ids, out, with_ids)
+  for i = 1, #ids, CHUNK do
+    local part = {}
+    for j = i, math.min(i + CHUNK - 1, #ids) do part[#part + 1] = ids[j] end
+    local got = redis.call('HMGET', pkey, unpack(part))
+    for j = 1, #part do
+      if with_ids then out[#out + 1] = part[j] end
+      out[#out + 1] = got[j] or '{}'
+    end
+  end
+  return out
+end
+
+-- FCALL hub_presence_add 2 K IDX <ttl> <client> <info> [<client> <info> ...]
+-- -> {created 0|1, ...} one per pair (1: the entry was absent, an expired one counts as
+--    present: it is refreshed)
+local function hub_presence_add(keys, args)
+  local pkey, zkey = presence_keys(keys)
+  if pkey == nil then return zkey end
+  local idx, err = index_of(keys)
+  if err then return err end
+  local ttl
+  ttl, err = number_arg(args[1], 'ttl')
+  if err then return err end
+  if ttl <= 0 then return redis.error_reply('ERR hub: ttl must be positive') end
+  if #args < 3 or #args % 2 ~= 1 then
+    return redis.error_reply('ERR hub: expected <ttl> followed by <client> <info> pairs')
+  end
+  local now = now_ms()
+  local expiry = fmt(now + ms(ttl))
+  local out = {}
+  for i = 2, #args, 2 do
+    out[#out + 1] = redis.call('HSET', pkey, args[i], args[i + 1])
+    redis.call('ZADD', zkey, expiry, args[i])
+  end
+  reindex(keys[1], pkey, zkey, idx, now)
+  return out
+end
+
+-- FCALL hub_presence_refresh <n+1> IDX K1 ... Kn <ttl> <count1> ... <countn>
+--       <client> <info> ... (count1 pairs for K1, then count2 pairs for K2, ...)
+-- -> {created 0|1, ...} one per pair, in order: hub_presence_add of many channels that share
+--    the index key IDX (so, in a Redis Cluster, one slot) in one call
+local function hub_presence_refresh(keys, args)
+  local idx = keys[1]
+  local n = #keys - 1
+  if n < 1 then return redis.error_reply('ERR hub: expected IDX and channel keys') end
+  local ttl, err = number_arg(args[1], 'ttl')
+  if err then return err end
+  if ttl <= 0 then return redis.error_reply('ERR hub: ttl must be positive') end
+  local total = 0
+  for k = 1, n do
+    local count
+    count, err = number_arg(args[1 + k], 'count')
+    if err then return err end
+    total = total + count
+  end
+  if #args ~= 1 + n + 2 * total then
+    return redis.error_reply('ERR hub: the counts do not match the <client> <info> pairs')
+  end
+  for k = 2, #keys do
+    local pkey, e = presence_keys({keys[k]})
+    if pkey == nil then return e end
+  end
+  local now = now_ms()
+  local expiry = fmt(now + ms(ttl))
+  local out = {}
+  local at = 2 + n
+  for k = 1, n do
+    local key = keys[1 + k]
+    local pkey, zkey = presence_keys({key})
+    for _ = 1, tonumber(args[1 + k]) do
+      out[#out + 1] = redis.call('HSET', pkey, args[at], args[at + 1])
+      redis.call('ZADD', zkey, expiry, args[at])
+      at = at + 2
+    end
+    reindex(key, pkey, zkey, idx, now)
+  end
+  return out
+end
+
+-- FCALL hub_presence_remove 2 K IDX <client> -> 1 when this call deleted the entry, else 0
+local function hub_presence_remove(keys, args)
+  local pkey, zkey = presence_keys(keys)
+  if pkey == nil then return zkey end
+  local idx, err = index_of(keys)
+  if err then return err end
+  if args[1] == nil then return redis.error_reply('ERR hub: client missing') end
+  local removed = redis.call('ZREM', zkey, args[1])
+  redis.call('HDEL', pkey, args[1])
+  reindex(keys[1], pkey, zkey, idx, now_ms())
+  return removed
+end
+
+-- FCALL hub_presence_expire 2 K IDX <limit>
+-- -> {client1, info1, ...}: the entries with expiry <= now (at most <limit>, the earliest
+--    first), deleted by this call, so no other call returns them
+local function hub_presence_expire(keys, args)
+  local pkey, zkey = presence_keys(keys)
+  if pkey == nil then return zkey end
+  local idx, err = index_of(keys)
+  if err then return err end
+  local limit
+  limit, err = number_arg(args[1] or '1000', 'limit')
+  if err then return err end
+  limit = math.max(1, math.floor(limit))
+  local now = now_ms()
+  local ids = redis.call('ZRANGE', zkey, '-inf', fmt(now), 'BYSCORE', 'LIMIT', 0, limit)
+  local out = {}
+  if #ids > 0 then
+    infos(pkey, ids, out, true)
+    for i = 1, #ids, CHUNK do
+      local part = {}
+      for j = i, math.min(i + CHUNK - 1, #ids) do part[#part + 1] = ids[j] end
+      redis.call('ZREM', zkey, unpack(part))
+      redis.call('HDEL', pkey, unpack(part))
+    end
+  end
+  reindex(keys[1], pkey, zkey, idx, now)
+  return out
+end
+
+local function live_ids(zkey)
+  return redis.call('ZRANGE', zkey, '(' .. fmt(now_ms()), '+inf', 'BYSCORE')
+end
+
+-- FCALL_RO hub_presence_clients 1 K -> {client1, info1, ...} the live entries only
+local function hub_presence_clients(keys)
+  local pkey, zkey = presence_keys(keys)
+  if pkey == nil then return zkey end
+  return infos(pkey, live_ids(zkey), {}, true)
+end
+
+-- FCALL_RO hub_presence_stats 1 K -> {clients, users}: live entries, distinct users among
+-- them (an entry without a string "user" counts as a client only)
+local function hub_presence_stats(keys)
+  local pkey, zkey = presence_keys(keys)
+  if pkey == nil then return zkey end
+  local ids = live_ids(zkey)
+  local packed = infos(pkey, ids, {}, false)
+  local users, count = {}, 0
+  for _, info in ipairs(packed) do
+    local ok, decoded = pcall(cjson.decode, info)
+    if ok and type(decoded) == 'table' and type(decoded.user) == 'string' then
+      if not users[decoded.user] then
+        users[decoded.user] = true
+        count = count + 1
+      end
+    end
+  end
+  return {#ids, count}
+end
+
+-- FCALL_RO hub_presence_due 1 IDX <limit> -> {K1, expiry1, K2, expiry2, ...}: the channel
+-- keys whose earliest expiry (ms, Redis TIME) <= now, at most <limit>, the most overdue first
+local function hub_presence_due(keys, args)
+  local limit, err = number_arg(args[1] or '1000', 'limit')
+  if err then return err end
+  limit = math.max(1, math.floor(limit))
+  local got = redis.call('ZRANGE', keys[1], '-inf', fmt(now_ms()), 'BYSCORE', 'LIMIT', 0, limit,
+                         'WITHSCORES')
+  for i = 2, #got, 2 do got[i] = tonumber(got[i]) end
+  return got
+end
+
+redis.register_function('hub_presence_add', hub_presence_add)
+redis.register_function('hub_presence_refresh', hub_presence_refresh)
+redis.register_function('hub_presence_remove', hub_presence_remove)
+redis.register_function('hub_presence_expire', hub_presence_expire)
+redis.register_function{function_name = 'hub_presence_clients',
+                        callback = hub_presence_clients, flags = {'no-writes'}}
+redis.register_function{function_name = 'hub_presence_stats',
+                        callback = hub_presence_stats, flags = {'no-writes'}}
+redis.register_function{function_name = 'hub_presence_due',
+                        callback = hub_presence_due, flags = {'no-writes'}}
 
 redis.register_function('hub_version', function() return VERSION end)
 redis.register_function('hub_publish', hub_publish)
