@@ -101,6 +101,15 @@ class ChannelRules:
         """The options of ``channel``: its namespace's, else the defaults."""
         return self.namespaces.get(namespace_of(channel), self.defaults)
 
+    def keeps_history(self, channel: str) -> bool:
+        """True when ``channel``'s namespace keeps a history."""
+        return self.options(channel).history
+
+    @property
+    def any_history(self) -> bool:
+        """True when some channel may keep a history (a namespace or the defaults do)."""
+        return self.defaults.history or any(o.history for o in self.namespaces.values())
+
     def check_subscribe(self, user: str | None, grants: Sequence[str], channel: str,
                         cid: object = None) -> None:
         """Raise ``forbidden`` unless a connection of ``user`` (None: anonymous) whose token

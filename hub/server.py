@@ -33,6 +33,7 @@ from .config import Config, address_error
 from .connection import HubConnection, limit_requests
 from .exceptions import ConfigError
 from .handshake import Handshake
+from .history import create_history
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .node import Node
 from .oslimits import AcceptErrors
@@ -62,12 +63,18 @@ class Hub:
     def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
+        rules = ChannelRules(config.client_publish, dict(config.namespaces), config.channels)
+        keeps_history = rules.keeps_history
         broker = create_broker(config.redis_url, cluster=config.redis_cluster,
                                prefix=config.redis_prefix, probe_interval=config.probe_interval,
-                               probe_timeout=config.probe_timeout)
+                               probe_timeout=config.probe_timeout, history=keeps_history)
+        history = None
+        if rules.any_history:
+            history = create_history(config.redis_url, cluster=config.redis_cluster,
+                                     prefix=config.redis_prefix, timeout=config.probe_timeout,
+                                     on_publish=getattr(broker, "inject", None))
         self.node = Node(broker, self.metrics, max_payload_bytes=config.max_payload_bytes,
-                         max_lag=config.max_lag)
-        rules = ChannelRules(config.client_publish, dict(config.namespaces), config.channels)
+                         max_lag=config.max_lag, history=history, rules=rules)
         self.sessions = Sessions(self.node, rules, self.metrics,
                                  jwt_secret=config.jwt_secret,
                                  auth_timeout=config.auth_timeout,

@@ -1,0 +1,283 @@
+"""History and recovery end to end: real ``hub serve`` processes, a real redis-server, real
+WebSocket clients (docs/protocol.md, "History and recovery")."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import subprocess
+import time
+
+import pytest
+
+from tests.helpers import metric, open_ws, recv_json
+
+CONFIG = """\
+client_publish = ["chat:*", "tiny:*"]
+
+[namespaces.chat]
+history_size = 1000
+history_ttl = 600
+
+[namespaces.tiny]
+history_size = 5
+history_ttl = 600
+
+[namespaces.user]
+history_size = 100
+history_ttl = 600
+"""
+
+
+def config_file(tmp_path) -> str:
+    path = tmp_path / "hub.toml"
+    path.write_text(CONFIG)
+    return str(path)
+
+
+def fcall(redis, channel: str, data: object, size: int = 1000, key: str | None = None):
+    """``FCALL hub_publish`` through redis-cli, as a backend in any language would."""
+    args = ["redis-cli", "-p", str(redis.port), "FCALL", "hub_publish", "1", f"hub:{channel}",
+            json.dumps(data), str(size), "600", *([key] if key else [])]
+    out = subprocess.run(args, capture_output=True, text=True, check=True, timeout=10).stdout
+    offset, epoch = out.split()
+    return int(offset), epoch
+
+
+async def command(ws, **cmd):
+    await ws.send(json.dumps(cmd))
+    return await recv_json(ws)
+
+
+async def messages(ws, count: int, timeout: float = 10.0) -> list[dict]:
+    """The next ``count`` frames (any type), in order."""
+    return [await recv_json(ws, timeout) for _ in range(count)]
+
+
+@pytest.mark.parametrize("with_redis", [False, True], ids=["embedded", "redis"])
+async def test_offsets_backlog_history_and_recovery(tmp_path, redis_factory, hub_factory,
+                                                    with_redis):
+    redis = redis_factory() if with_redis else None
+    hub = hub_factory("--config", config_file(tmp_path), redis=redis)
+    async with open_ws(hub.ws_url + "?user=a") as a, open_ws(hub.ws_url + "?user=b") as b:
+        ack = await command(a, op="subscribe", channel="chat:1", id=1)
+        assert ack["type"] == "ack" and ack["offset"] == 0 and ack["epoch"]
+        assert "recovered" not in ack
+        epoch = ack["epoch"]
+        for i in range(3):
+            reply = await command(b, op="publish", channel="chat:1", data={"n": i}, id=10 + i)
+            assert reply == {"type": "ack", "id": 10 + i, "offset": i + 1, "epoch": epoch}
+        got = await messages(a, 3)
+        assert [(m["type"], m["offset"], m["data"]) for m in got] == [
+            ("message", i + 1, {"n": i}) for i in range(3)]
+        # backlog with the subscription: the ack, then the last 2, oldest first
+        ack = await command(b, op="subscribe", channel="chat:1", id=2, last=2)
+        assert (ack["offset"], ack["epoch"]) == (3, epoch)
+        assert [m["offset"] for m in await messages(b, 2)] == [2, 3]
+        history = await command(b, op="history", channel="chat:1", id=3, limit=2)
+        assert history == {"type": "history", "id": 3, "channel": "chat:1", "offset": 3,
+                           "epoch": epoch, "messages": [{"offset": 2, "data": {"n": 1}},
+                                                        {"offset": 3, "data": {"n": 2}}]}
+        history = await command(b, op="history", channel="chat:1", id=4, limit=10,
+                                since={"offset": 2, "epoch": epoch})
+        assert [m["offset"] for m in history["messages"]] == [3]
+    async with open_ws(hub.ws_url + "?user=c") as c:
+        ack = await command(c, op="subscribe", channel="chat:1", id=1,
+                            since={"offset": 1, "epoch": epoch})
+        assert ack == {"type": "ack", "id": 1, "offset": 3, "epoch": epoch, "recovered": True}
+        assert [m["offset"] for m in await messages(c, 2)] == [2, 3]
+        # a wrong epoch: not recovered, nothing replayed; the ack says where to go on from
+        ack = await command(c, op="subscribe", channel="chat:1", id=2,
+                            since={"offset": 1, "epoch": "0" * 20})
+        assert ack == {"type": "ack", "id": 2, "offset": 3, "epoch": epoch, "recovered": False}
+        # since that fails, with last: the last backlog instead
+        ack = await command(c, op="subscribe", channel="chat:1", id=3,
+                            since={"offset": 1, "epoch": "0" * 20}, last=1)
+        assert (ack["recovered"], ack["offset"]) == (False, 3)
+        assert [m["offset"] for m in await messages(c, 1)] == [3]
+        await c.send(json.dumps({"op": "ping", "id": 9}))
+        assert (await recv_json(c))["type"] == "pong"  # nothing else was sent
+
+
+async def test_no_history_errors(tmp_path, hub_factory):
+    hub = hub_factory("--config", config_file(tmp_path), "--client-publish", "news")
+    async with open_ws(hub.ws_url + "?user=a") as ws:
+        for cmd in ({"op": "history", "channel": "news", "id": 1},
+                    {"op": "subscribe", "channel": "news", "id": 2, "last": 3},
+                    {"op": "subscribe", "channel": "news", "id": 3,
+                     "since": {"offset": 1, "epoch": "e"}},
+                    {"op": "publish", "channel": "news", "id": 4, "data": 1,
+                     "idempotency_key": "k"}):
+            reply = await command(ws, **cmd)
+            assert reply["type"] == "error" and reply["code"] == "no_history", reply
+            assert reply["id"] == cmd["id"]
+        for bad in ({"op": "subscribe", "channel": "chat:1", "id": 5, "last": 0},
+                    {"op": "subscribe", "channel": "chat:1", "id": 6, "last": 1001},
+                    {"op": "subscribe", "channel": "chat:1", "id": 7, "since": {"offset": -1,
+                                                                                "epoch": "e"}},
+                    {"op": "subscribe", "channel": "chat:1", "id": 8, "since": "x"},
+                    {"op": "history", "channel": "chat:1", "id": 9, "limit": "all"},
+                    {"op": "publish", "channel": "chat:1", "id": 10, "data": 1,
+                     "idempotency_key": 5}):
+            reply = await command(ws, **bad)
+            assert reply["code"] == "bad_request", (bad, reply)
+        reply = await command(ws, op="history", channel="user:someone", id=11)
+        assert reply["code"] == "forbidden"
+
+
+async def test_backend_fcall_plain_publish_and_idempotency(tmp_path, redis_server,
+                                                           hub_factory):
+    hub = hub_factory("--config", config_file(tmp_path), redis=redis_server)
+    async with open_ws(hub.ws_url + "?user=a") as ws:
+        ack = await command(ws, op="subscribe", channel="chat:room", id=1)
+        assert fcall(redis_server, "chat:room", {"text": "hi"}) == (1, ack["epoch"])
+        assert await recv_json(ws) == {"type": "message", "channel": "chat:room",
+                                       "data": {"text": "hi"}, "offset": 1}
+        # a plain PUBLISH to a history channel: delivered live, no offset, counted
+        redis_server.client().publish("hub:chat:room", b'{"plain":true}')
+        assert await recv_json(ws) == {"type": "message", "channel": "chat:room",
+                                       "data": {"plain": True}}
+        assert metric(hub, "hub_unrecorded_publishes_total") == 1
+        # the same idempotency key twice: one delivery, the same position
+        first = fcall(redis_server, "chat:room", {"once": 1}, key="order-7")
+        again = fcall(redis_server, "chat:room", {"once": 2}, key="order-7")
+        assert first == again == (2, ack["epoch"])
+        got = await recv_json(ws)
+        assert (got["offset"], got["data"]) == (2, {"once": 1})
+        reply = await command(ws, op="publish", channel="chat:room", data={"c": 1}, id=5,
+                              idempotency_key="order-7")
+        assert (reply["type"], reply["offset"]) == ("ack", 2)  # a client retry, no delivery
+        await ws.send(json.dumps({"op": "ping", "id": 6}))
+        assert (await recv_json(ws))["type"] == "pong"
+
+
+async def test_trimmed_history_is_not_recovered_and_says_what_is_held(tmp_path, redis_server,
+                                                                      hub_factory):
+    hub = hub_factory("--config", config_file(tmp_path), redis=redis_server)
+    epoch = ""
+    for i in range(20):
+        _, epoch = fcall(redis_server, "tiny:x", {"i": i}, size=5)
+    async with open_ws(hub.ws_url + "?user=a") as ws:
+        ack = await command(ws, op="subscribe", channel="tiny:x", id=1,
+                            since={"offset": 2, "epoch": epoch})
+        assert ack == {"type": "ack", "id": 1, "offset": 20, "epoch": epoch,
+                       "recovered": False}
+        # what the history still holds after offset 2: 16..20, so 3..15 are known lost
+        assert [m["offset"] for m in await messages(ws, 5)] == [16, 17, 18, 19, 20]
+    assert metric(hub, "hub_recoveries_total", {"result": "failed"}) == 1
+
+
+async def test_new_epoch_after_the_history_is_lost(tmp_path, redis_server, hub_factory):
+    hub = hub_factory("--config", config_file(tmp_path), redis=redis_server)
+    _, old = fcall(redis_server, "chat:e", 1)
+    redis_server.client().flushall()
+    async with open_ws(hub.ws_url + "?user=a") as ws:
+        ack = await command(ws, op="subscribe", channel="chat:e", id=1,
+                            since={"offset": 1, "epoch": old})
+        assert ack["recovered"] is False and ack["epoch"] != old and ack["offset"] == 0
+        assert fcall(redis_server, "chat:e", 2) == (1, ack["epoch"])
+        assert (await recv_json(ws))["offset"] == 1
+
+
+async def test_personal_channel_history_is_an_inbox(tmp_path, redis_server, hub_factory):
+    hub = hub_factory("--config", config_file(tmp_path), redis=redis_server)
+    for i in range(3):  # pushed while alice is away
+        fcall(redis_server, "user:alice", {"mail": i}, size=100)
+    async with open_ws(hub.ws_url + "?user=alice") as ws:
+        inbox = await command(ws, op="history", channel="user:alice", id=1, limit=10)
+        assert [m["data"] for m in inbox["messages"]] == [{"mail": i} for i in range(3)]
+        # the implicit subscription does not swallow a subscribe with since
+        ack = await command(ws, op="subscribe", channel="user:alice", id=2,
+                            since={"offset": 1, "epoch": inbox["epoch"]})
+        assert ack["recovered"] is True and ack["offset"] == 3
+        assert [m["offset"] for m in await messages(ws, 2)] == [2, 3]
+        fcall(redis_server, "user:alice", {"mail": 3}, size=100)
+        assert (await recv_json(ws))["offset"] == 4
+
+
+async def test_the_hub_repairs_a_dropped_pubsub_link_from_history(tmp_path, redis_server,
+                                                                  hub_factory):
+    """CLIENT KILL TYPE pubsub while messages flow: connected clients of a history channel
+    see every offset once, in order, and no gap frame; a channel without history gets its
+    gap frame as before."""
+    hub = hub_factory("--config", config_file(tmp_path), redis=redis_server)
+    async with open_ws(hub.ws_url + "?user=a") as ws:
+        await command(ws, op="subscribe", channel="chat:flow", id=1)
+        await command(ws, op="subscribe", channel="news", id=2)
+        client = redis_server.client()
+        total = 300
+        for i in range(total):
+            client.fcall("hub_publish", 1, "hub:chat:flow", json.dumps(i), 1000, 600)
+            if i in (100, 200):
+                client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        offsets, gaps = [], []
+        deadline = time.monotonic() + 30
+        while len(offsets) < total and time.monotonic() < deadline:
+            frame = await recv_json(ws, 30)
+            if frame["type"] == "message":
+                offsets.append(frame["offset"])
+            elif frame["type"] == "gap":
+                gaps.append(frame["channels"])
+        assert offsets == list(range(1, total + 1))
+        assert all(channels == ["news"] for channels in gaps), gaps
+        assert (metric(hub, "hub_history_repairs_total") or 0) >= 1
+        print(f"\nrepairs {metric(hub, 'hub_history_repairs_total')}, refilled "
+              f"{metric(hub, 'hub_history_refilled_total')}, gaps on news {len(gaps)}")
+
+
+async def test_recovering_clients_lose_nothing_while_publishing_goes_on(
+        tmp_path, redis_server, hub_factory):
+    """Two hubs, a publisher at a steady rate, 40 clients that drop and resubscribe with
+    since to a random hub: each ends with every offset from its first to the last, once,
+    in order. Bounded: 400 messages, 30 s."""
+    hubs = [hub_factory("--config", config_file(tmp_path), redis=redis_server)
+            for _ in range(2)]
+    total, clients = 400, 40
+    rng = random.Random(7)
+    done = asyncio.Event()
+
+    async def publish():
+        client = redis_server.client()
+        for i in range(total):
+            await asyncio.to_thread(client.fcall, "hub_publish", 1, "hub:chat:race",
+                                    json.dumps(i), 1000, 600)
+            await asyncio.sleep(0.005)
+        done.set()
+
+    async def run_client(n: int) -> list[int]:
+        seen: list[int] = []
+        position = None
+        while True:
+            hub = rng.choice(hubs)
+            async with open_ws(hub.ws_url + f"?user=c{n}") as ws:
+                cmd = {"op": "subscribe", "channel": "chat:race", "id": 1}
+                if position is not None:
+                    cmd["since"] = position
+                ack = await command(ws, **cmd)
+                assert ack["type"] == "ack", ack
+                if position is not None:
+                    assert ack["recovered"] is True, ack
+                epoch = ack["epoch"]
+                stop_after = rng.randint(5, 60)
+                while True:
+                    if seen and seen[-1] == total:
+                        return seen
+                    frame = await recv_json(ws, 20)
+                    assert frame["type"] == "message", frame
+                    seen.append(frame["offset"])
+                    position = {"offset": frame["offset"], "epoch": epoch}
+                    stop_after -= 1
+                    if stop_after == 0 and not done.is_set():
+                        break  # drop the connection, come back with since
+
+    publisher = asyncio.create_task(publish())
+    results = await asyncio.wait_for(asyncio.gather(*(run_client(n) for n in range(clients))),
+                                     60)
+    await publisher
+    for seen in results:
+        assert seen == list(range(seen[0], total + 1)), seen[:20]
+    recoveries = sum(metric(h, "hub_recoveries_total", {"result": "succeeded"}) or 0
+                     for h in hubs)
+    print(f"\n{clients} clients, {total} messages, {recoveries:g} recoveries, all complete")
+    assert recoveries > 0
