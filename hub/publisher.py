@@ -21,14 +21,18 @@ Given several URLs they pick the shard of each channel the way the hub does
 (:func:`hub.sharding.shard_index`); with ``cluster=True`` the one URL is a Redis Cluster seed
 node, messages go out with SPUBLISH and the FCALL is routed by its declared key.
 
-**Nothing is ever sent twice by the library.** The Redis clients are built with redis-py's
-retries off (redis-py 6+ re-sends a command after a connection error or timeout by default,
-the cluster client too, which may apply a publish twice); a stale pooled connection is still
-replaced before a command by redis-py's pool check. A ConnectionError or TimeoutError
-therefore means "maybe delivered": retry it yourself, on a history channel with an
-``idempotency_key`` so that the retry cannot publish twice. The one retry the library does is
-after "Function not found" (Redis restarted without persistence, or no hub loaded the library
-yet): nothing ran, so it loads the library (never over a newer version) and calls once more.
+**A history publish is never sent twice by the library.** The one-Redis clients are built
+with redis-py's retries off (what its ``from_url`` gives anyway) and maintenance
+notifications off (redis-py 8 skips its check of a stale pooled connection while they are
+"auto", so the first command after a Redis restart failed); with ``cluster=True``, history
+publishes go through a second cluster client, built on the first one, with retries off, since
+redis-py's cluster client re-sends a command after a connection error or timeout, which may
+apply an FCALL twice (SPUBLISH keeps the default retries, as before). A ConnectionError or
+TimeoutError from a history publish therefore means "maybe applied": retry it yourself with
+an ``idempotency_key``, so that the retry cannot publish twice. The one retry the library
+does is after "Function not found" (Redis restarted without persistence, or no hub loaded
+the library yet): nothing ran, so it loads the library (never over a newer version) and
+calls once more.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.exceptions import ResponseError
+from redis.maint_notifications import MaintNotificationsConfig
 from redis.retry import Retry
 
 from .brokers.base import StreamPosition
@@ -68,27 +73,27 @@ from .sharding import shard_index
 __all__ = ["AsyncPublisher", "Publisher", "StreamPosition"]
 
 
-def _clients(redis_url: str | Sequence[str], cluster: bool, socket_timeout: float,
-             cluster_class: Any, client_class: Any, retry: Any) -> list[Any]:
-    """One client per shard URL, or one cluster client; ValueError for a bad URL list.
-    ``retry`` (a retry policy of no retries) is given to every client: see the module."""
+def _urls(redis_url: str | Sequence[str], cluster: bool) -> list[str]:
+    """The URL list; ValueError for none, or several with ``cluster=True``."""
     urls = [redis_url] if isinstance(redis_url, str) else list(redis_url)
     if not urls:
         raise ValueError("at least one Redis URL is needed")
+    if cluster and len(urls) > 1:
+        raise ValueError("cluster=True takes one seed URL")
+    return urls
+
+
+def _clients(urls: list[str], cluster: bool, socket_timeout: float, cluster_class: Any,
+             client_class: Any, retry: Any) -> list[Any]:
+    """One client per shard URL, with ``retry`` (no retries) and maintenance notifications
+    off; or one cluster client, with ``retry`` unless it is None (redis-py's default)."""
     if cluster:
-        if len(urls) > 1:
-            raise ValueError("cluster=True takes one seed URL")
-        return [cluster_class.from_url(urls[0], socket_timeout=socket_timeout, retry=retry)]
-    return [client_class.from_url(url, socket_timeout=socket_timeout, retry=retry)
+        kwargs = {} if retry is None else {"retry": retry}
+        return [cluster_class.from_url(urls[0], socket_timeout=socket_timeout, **kwargs)]
+    return [client_class.from_url(url, socket_timeout=socket_timeout, retry=retry,
+                                  maint_notifications_config=MaintNotificationsConfig(
+                                      enabled=False))
             for url in urls]
-
-
-def _no_retry() -> Retry:
-    return Retry(NoBackoff(), 0)
-
-
-def _async_no_retry() -> AsyncRetry:
-    return AsyncRetry(NoBackoff(), 0)
 
 
 def _message(channel: str, data: Any, prefix: str) -> tuple[bytes, bytes]:
@@ -219,9 +224,9 @@ class Publisher:
     Raises ValueError before anything is sent for an invalid channel name or data, or an
     idempotency key on a plain channel (and at construction for no URL, several URLs with
     ``cluster=True``, or a prefix with braces and history channels); redis-py's
-    ConnectionError or TimeoutError when Redis cannot be reached or does not answer (the
-    publish may then have been applied: see the module); redis-py's ResponseError for an
-    error reply.
+    ConnectionError or TimeoutError when Redis cannot be reached or does not answer (a
+    history publish is then never re-sent and may have been applied: see the module);
+    redis-py's ResponseError for an error reply.
     """
 
     def __init__(self, redis_url: str | Sequence[str], prefix: str = "hub:", *,
@@ -231,8 +236,11 @@ class Publisher:
         self.prefix = prefix
         self.cluster = cluster
         self.rules = _rules(prefix, namespaces, channels)
-        self._clients = _clients(redis_url, cluster, socket_timeout, RedisCluster, redis.Redis,
-                                 _no_retry())
+        self._urls = _urls(redis_url, cluster)
+        self._socket_timeout = socket_timeout
+        self._clients = _clients(self._urls, cluster, socket_timeout, RedisCluster, redis.Redis,
+                                 None if cluster else Retry(NoBackoff(), 0))
+        self._history_clients: list[Any] = []
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str], *,
@@ -248,21 +256,29 @@ class Publisher:
         """The options of ``channel`` this publisher applies (history or not)."""
         return self.rules.options(channel)
 
-    def _client(self, channel: str) -> Any:
-        if self.cluster:
-            return self._clients[0]
-        return self._clients[shard_index(channel, len(self._clients))]
+    def _shard(self, channel: str) -> int:
+        return 0 if self.cluster else shard_index(channel, len(self._clients))
+
+    def _history_client(self, channel: str) -> Any:
+        """The shard's client, or a cluster client that never re-sends a command."""
+        if not self.cluster:
+            return self._clients[self._shard(channel)]
+        if not self._history_clients:
+            self._history_clients = _clients(self._urls, True, self._socket_timeout,
+                                             RedisCluster, None, Retry(NoBackoff(), 0))
+        return self._history_clients[0]
 
     def publish(self, channel: str, data: Any, *,
                 idempotency_key: str | None = None) -> int | StreamPosition:
         name, payload = _message(channel, data, self.prefix)
         options = self.rules.options(channel)
         _check_key(options, idempotency_key)
-        client = self._client(channel)
         if not options.history:
+            client = self._clients[self._shard(channel)]
             if self.cluster:
                 return int(client.spublish(name, payload))
             return int(client.publish(name, payload))
+        client = self._history_client(channel)
         args = _fcall_args(options, payload, idempotency_key)
         try:
             return _position(client.fcall("hub_publish", 1, name, *args))
@@ -279,7 +295,7 @@ class Publisher:
         return self.publish(personal_channel(user_id), data, idempotency_key=idempotency_key)
 
     def close(self) -> None:
-        for client in self._clients:
+        for client in self._clients + self._history_clients:
             client.close()
 
     def __enter__(self) -> Publisher:
@@ -304,8 +320,11 @@ class AsyncPublisher:
         self.prefix = prefix
         self.cluster = cluster
         self.rules = _rules(prefix, namespaces, channels)
-        self._clients = _clients(redis_url, cluster, socket_timeout, AsyncRedisCluster,
-                                 aioredis.Redis, _async_no_retry())
+        self._urls = _urls(redis_url, cluster)
+        self._socket_timeout = socket_timeout
+        self._clients = _clients(self._urls, cluster, socket_timeout, AsyncRedisCluster,
+                                 aioredis.Redis, None if cluster else AsyncRetry(NoBackoff(), 0))
+        self._history_clients: list[Any] = []
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str], *,
@@ -317,21 +336,30 @@ class AsyncPublisher:
         """The options of ``channel`` this publisher applies (history or not)."""
         return self.rules.options(channel)
 
-    def _client(self, channel: str) -> Any:
-        if self.cluster:
-            return self._clients[0]
-        return self._clients[shard_index(channel, len(self._clients))]
+    def _shard(self, channel: str) -> int:
+        return 0 if self.cluster else shard_index(channel, len(self._clients))
+
+    def _history_client(self, channel: str) -> Any:
+        """The shard's client, or a cluster client that never re-sends a command."""
+        if not self.cluster:
+            return self._clients[self._shard(channel)]
+        if not self._history_clients:
+            self._history_clients = _clients(self._urls, True, self._socket_timeout,
+                                             AsyncRedisCluster, None,
+                                             AsyncRetry(NoBackoff(), 0))
+        return self._history_clients[0]
 
     async def publish(self, channel: str, data: Any, *,
                       idempotency_key: str | None = None) -> int | StreamPosition:
         name, payload = _message(channel, data, self.prefix)
         options = self.rules.options(channel)
         _check_key(options, idempotency_key)
-        client = self._client(channel)
         if not options.history:
+            client = self._clients[self._shard(channel)]
             if self.cluster:
                 return int(await client.spublish(name, payload))
             return int(await client.publish(name, payload))
+        client = self._history_client(channel)
         args = _fcall_args(options, payload, idempotency_key)
         try:
             return _position(await client.fcall("hub_publish", 1, name, *args))
@@ -347,7 +375,7 @@ class AsyncPublisher:
                                   idempotency_key=idempotency_key)
 
     async def aclose(self) -> None:
-        for client in self._clients:
+        for client in self._clients + self._history_clients:
             await client.aclose()
 
     async def __aenter__(self) -> AsyncPublisher:
