@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -49,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
             # publish has no embedded broker to fall back to
             _add_option(publish, opt, "none, one is required" if opt.name == "redis_url" else None)
     publish.add_argument("--idempotency-key", metavar="KEY", default=None,
-                         help="history channels only: a repeat with the same key within 300 s "
-                         "publishes nothing and prints the first offset and epoch")
+                         help="history channels only: a repeat with the same key on the same "
+                         "channel within 300 s publishes nothing and prints the first offset "
+                         "and epoch (env HUB_IDEMPOTENCY_KEY; default none)")
     return parser
 
 
@@ -126,11 +128,12 @@ def _publish(args: argparse.Namespace) -> int:
         raise ConfigError(f"JSON argument is not valid JSON: {exc}") from None
     from redis.exceptions import ResponseError
 
+    key = args.idempotency_key or os.environ.get("HUB_IDEMPOTENCY_KEY") or None
     try:
         with Publisher(list(config.redis_url), prefix=config.redis_prefix,
                        cluster=config.redis_cluster, namespaces=dict(config.namespaces),
                        channels=config.channels) as publisher:
-            result = publisher.publish(args.channel, data, idempotency_key=args.idempotency_key)
+            result = publisher.publish(args.channel, data, idempotency_key=key)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     except ResponseError as exc:  # an error reply, e.g. from the history function

@@ -285,6 +285,9 @@ def test_cli_publish_with_config(tmp_path, redis_server):
     assert keyed.stdout == f"2 {epoch}\n", keyed.stderr
     again = run_cli("publish", "chat:c", "3", "--config", str(path), "--idempotency-key", "k")
     assert again.stdout == f"2 {epoch}\n", again.stderr
+    from_env = run_cli("publish", "chat:c", "4", "--config", str(path),
+                       env={"HUB_IDEMPOTENCY_KEY": "k"})
+    assert from_env.stdout == f"2 {epoch}\n", from_env.stderr
     plain = run_cli("publish", "news", "1", "--config", str(path))
     assert (plain.returncode, plain.stdout) == (0, "0\n"), plain.stderr
     refused = run_cli("publish", "news", "1", "--config", str(path), "--idempotency-key", "k")
