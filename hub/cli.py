@@ -2,20 +2,22 @@
 
 ``hub serve [options]`` runs a hub process (or a supervisor of ``--workers`` processes);
 every option is listed in :data:`hub.config.OPTIONS` and docs/protocol.md.
-``hub publish CHANNEL JSON [--redis-url URL ...] [--redis-prefix hub:]`` publishes one
-message and prints how many hub processes received it. ``hub --version`` prints
-``hub <version>``.
+``hub publish CHANNEL JSON [--redis-url URL ...] [--redis-prefix hub:] [--config PATH]
+[--idempotency-key KEY]`` publishes one message and prints one line: how many hub processes
+received it on a plain channel, ``<offset> <epoch>`` on a history channel (the configuration
+file's namespace options say which). ``hub --version`` prints ``hub <version>``.
 
 Exit codes: 0 on success and on a graceful stop, 2 on a usage or configuration error (a bad
 value, a malformed Redis URL, an unreadable TLS file, a port in use, a host that does not
 resolve, a file-descriptor limit below what the limits need), with one line ``hub: ...`` on
-stderr; 1 when ``hub publish`` cannot reach Redis.
+stderr; 1 when ``hub publish`` cannot reach Redis or Redis answers it with an error.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -47,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
         if opt.name in _PUBLISH_OPTIONS:
             # publish has no embedded broker to fall back to
             _add_option(publish, opt, "none, one is required" if opt.name == "redis_url" else None)
+    publish.add_argument("--idempotency-key", metavar="KEY", default=None,
+                         help="history channels only: a repeat with the same key on the same "
+                         "channel within 300 s publishes nothing and prints the first offset "
+                         "and epoch (env HUB_IDEMPOTENCY_KEY; default none)")
     return parser
 
 
@@ -120,12 +126,19 @@ def _publish(args: argparse.Namespace) -> int:
         data = orjson.loads(args.json)
     except orjson.JSONDecodeError as exc:
         raise ConfigError(f"JSON argument is not valid JSON: {exc}") from None
+    from redis.exceptions import ResponseError
+
+    key = args.idempotency_key or os.environ.get("HUB_IDEMPOTENCY_KEY") or None
     try:
         with Publisher(list(config.redis_url), prefix=config.redis_prefix,
-                       cluster=config.redis_cluster) as publisher:
-            print(publisher.publish(args.channel, data))
+                       cluster=config.redis_cluster, namespaces=dict(config.namespaces),
+                       channels=config.channels) as publisher:
+            result = publisher.publish(args.channel, data, idempotency_key=key)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    except ResponseError as exc:  # an error reply, e.g. from the history function
+        print(f"hub: Redis refused the publish: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"hub: cannot reach Redis: {exc}", file=sys.stderr)
         return 1
@@ -134,6 +147,8 @@ def _publish(args: argparse.Namespace) -> int:
             print(f"hub: cannot reach Redis: {exc}", file=sys.stderr)
             return 1
         raise
+    # one line: the hubs reached (plain channel), or "<offset> <epoch>" (history channel)
+    print(result if isinstance(result, int) else f"{result.offset} {result.epoch}")
     return 0
 
 

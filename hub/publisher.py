@@ -1,46 +1,99 @@
 """The library Python backends use to push to hub clients through Redis.
 
 >>> from hub import Publisher
->>> with Publisher("redis://127.0.0.1:6379/0") as hub:
-...     hub.publish("news", {"title": "hi"})        # -> number of hub processes reached
+>>> with Publisher.from_config("/etc/hub/hub.toml") as hub:
+...     hub.publish("news", {"title": "hi"})          # -> 2: hub processes reached
+...     hub.publish("chat:room1", {"text": "hi"})     # -> StreamPosition(offset=7, epoch=...)
 ...     hub.publish_to_user("alice", {"text": "you have mail"})
 
-Both classes send ``PUBLISH <prefix><channel> <orjson.dumps(data)>``
+On a channel **without history** (its namespace's ``history_size`` is 0, the default) both
+classes send ``PUBLISH <prefix><channel> <orjson.dumps(data)>``
 (https://redis.io/docs/latest/commands/publish/), exactly what ``redis-cli PUBLISH`` from any
-other language does. Given several URLs they pick the shard of each channel the way the hub
-does (:func:`hub.sharding.shard_index`); with ``cluster=True`` the one URL is a Redis Cluster
-seed node and messages go out with SPUBLISH.
+other language does, and return PUBLISH's reply: the number of hub processes reached.
+
+On a **history channel** (``history_size > 0``, given by the hub's configuration file or the
+``namespaces``/``channels`` arguments) they run ``FCALL hub_publish 1 <prefix><channel>
+<payload> <history_size> <history_ttl> [<idempotency_key>]`` of the ``hub`` Function library
+(docs/history-format.md), which appends, trims and delivers in one atomic step, and return
+the publication's :class:`~hub.brokers.base.StreamPosition` (offset, epoch).
+
+Given several URLs they pick the shard of each channel the way the hub does
+(:func:`hub.sharding.shard_index`); with ``cluster=True`` the one URL is a Redis Cluster seed
+node, messages go out with SPUBLISH and the FCALL is routed by its declared key.
+
+**A history publish is never sent twice by the library.** The one-Redis clients are built
+with redis-py's retries off (what its ``from_url`` gives anyway) and maintenance
+notifications off (redis-py 8 skips its check of a stale pooled connection while they are
+"auto", so the first command after a Redis restart failed); with ``cluster=True``, history
+publishes go through a second cluster client, built on the first one, with retries off, since
+redis-py's cluster client re-sends a command after a connection error or timeout, which may
+apply an FCALL twice (SPUBLISH keeps the default retries, as before). A ConnectionError or
+TimeoutError from a history publish therefore means "maybe applied": retry it yourself with
+an ``idempotency_key``, so that the retry cannot publish twice. The one retry the library
+does is after "Function not found" (Redis restarted without persistence, or no hub loaded
+the library yet): nothing ran, so it loads the library (never over a newer version) and
+calls once more.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import secrets
+import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
+from redis.exceptions import ResponseError
+from redis.maint_notifications import MaintNotificationsConfig
+from redis.retry import Retry
 
-from .channels import personal_channel
-from .exceptions import ProtocolError
+from .brokers.base import StreamPosition
+from .channels import ChannelRules, NamespaceOptions, personal_channel
+from .exceptions import ConfigError, ProtocolError
+from .history.redis import (
+    _LOCK_KEY,
+    _LOCK_MS,
+    _RELEASE,
+    LIBRARY_CODE,
+    LIBRARY_NAME,
+    _not_found,
+    _version_in_listing,
+    ensure_functions,
+    library_version,
+)
 from .protocol import check_channel, encode_data
 from .sharding import shard_index
 
-__all__ = ["AsyncPublisher", "Publisher"]
+__all__ = ["AsyncPublisher", "Publisher", "StreamPosition"]
 
 
-def _clients(redis_url: str | Sequence[str], cluster: bool, socket_timeout: float,
-             cluster_class: Any, client_class: Any) -> list[Any]:
-    """One client per shard URL, or one cluster client; ValueError for a bad URL list."""
+def _urls(redis_url: str | Sequence[str], cluster: bool) -> list[str]:
+    """The URL list; ValueError for none, or several with ``cluster=True``."""
     urls = [redis_url] if isinstance(redis_url, str) else list(redis_url)
     if not urls:
         raise ValueError("at least one Redis URL is needed")
+    if cluster and len(urls) > 1:
+        raise ValueError("cluster=True takes one seed URL")
+    return urls
+
+
+def _clients(urls: list[str], cluster: bool, socket_timeout: float, cluster_class: Any,
+             client_class: Any, retry: Any) -> list[Any]:
+    """One client per shard URL, with ``retry`` (no retries) and maintenance notifications
+    off; or one cluster client, with ``retry`` unless it is None (redis-py's default)."""
     if cluster:
-        if len(urls) > 1:
-            raise ValueError("cluster=True takes one seed URL")
-        return [cluster_class.from_url(urls[0], socket_timeout=socket_timeout)]
-    return [client_class.from_url(url, socket_timeout=socket_timeout) for url in urls]
+        kwargs = {} if retry is None else {"retry": retry}
+        return [cluster_class.from_url(urls[0], socket_timeout=socket_timeout, **kwargs)]
+    return [client_class.from_url(url, socket_timeout=socket_timeout, retry=retry,
+                                  maint_notifications_config=MaintNotificationsConfig(
+                                      enabled=False))
+            for url in urls]
 
 
 def _message(channel: str, data: Any, prefix: str) -> tuple[bytes, bytes]:
@@ -53,35 +106,196 @@ def _message(channel: str, data: Any, prefix: str) -> tuple[bytes, bytes]:
     return (prefix + channel).encode(), payload
 
 
-class Publisher:
-    """Synchronous publisher. ``redis_url``: one URL, or the ordered list of shard URLs.
+def _rules(prefix: str, namespaces: Mapping[str, NamespaceOptions] | None,
+           channels: NamespaceOptions | None) -> ChannelRules:
+    rules = ChannelRules(namespaces=namespaces, defaults=channels)
+    options = [rules.defaults, *rules.namespaces.values()]
+    if ("{" in prefix or "}" in prefix) and any(o.history for o in options):
+        raise ValueError("history channels need a prefix without { or } (the history adds "
+                         "its own hash tag)")
+    return rules
 
-    ``publish(channel, data) -> int`` and ``publish_to_user(user_id, data) -> int`` return the
-    number of hub processes that received the message (PUBLISH's reply: 0 when no hub has a
-    subscriber). ``data`` is any JSON-serialisable value. Raises ValueError for an invalid
-    channel name or data before anything is sent (and at construction for no URL, or for
-    several URLs with ``cluster=True``), and redis-py's ConnectionError or
-    TimeoutError when Redis cannot be reached.
+
+def _fcall_args(options: NamespaceOptions, payload: bytes,
+                idempotency_key: str | None) -> tuple[Any, ...]:
+    """The arguments after the key of ``FCALL hub_publish``."""
+    args: tuple[Any, ...] = (payload, options.history_size, repr(float(options.history_ttl)))
+    if idempotency_key is not None:
+        args += (idempotency_key,)
+    return args
+
+
+def _check_key(options: NamespaceOptions, idempotency_key: str | None) -> None:
+    if idempotency_key is None:
+        return
+    if not options.history:
+        raise ValueError("an idempotency key needs a history channel: a plain PUBLISH keeps "
+                         "no trace of what was sent, so a repeat could not be recognised and "
+                         "would be delivered again")
+    if not isinstance(idempotency_key, str) or not idempotency_key:
+        raise ValueError("the idempotency key must be a non-empty string")
+
+
+def _position(reply: Any) -> StreamPosition:
+    epoch = reply[1]
+    return StreamPosition(int(reply[0]), epoch.decode() if isinstance(epoch, bytes)
+                          else str(epoch))
+
+
+def _config_kwargs(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The constructor arguments a hub configuration file gives (ConfigError when bad)."""
+    from .config import Config
+
+    config = Config.from_sources({"config": os.fspath(path)}, {})
+    if not config.redis_url:
+        raise ConfigError(f"{os.fspath(path)}: redis_url: a publisher needs one (the file "
+                          "sets none)")
+    return {"redis_url": list(config.redis_url), "prefix": config.redis_prefix,
+            "cluster": config.redis_cluster, "namespaces": dict(config.namespaces),
+            "channels": config.channels}
+
+
+# -- loading the library with a synchronous client (hub.history.redis has the async one) -----
+
+
+def _sync_loaded_version(client: Any) -> int | None:
+    try:
+        return int(client.execute_command("FCALL", "hub_version", 0))
+    except ResponseError as exc:
+        if not _not_found(exc):
+            raise
+    listing = client.execute_command("FUNCTION", "LIST", "LIBRARYNAME", LIBRARY_NAME)
+    return 0 if listing else None
+
+
+def ensure_functions_sync(client: redis.Redis | RedisCluster, *, code: str = LIBRARY_CODE,
+                          ) -> int:
+    """:func:`hub.history.redis.ensure_functions` for a synchronous redis-py client: load the
+    ``hub`` library unless the same or a newer version is loaded (under the shared lock on
+    one Redis; on every master of a cluster, without it); return the version now loaded."""
+    version = library_version(code)
+    c: Any = client  # redis-py's sync commands are untyped
+    if isinstance(client, RedisCluster):
+        loaded = []
+        for node in c.get_primaries():
+            listing = c.execute_command(
+                "FUNCTION", "LIST", "LIBRARYNAME", LIBRARY_NAME, "WITHCODE", target_nodes=node)
+            have = _version_in_listing(listing)
+            if have is None or have < version:
+                c.execute_command("FUNCTION", "LOAD", "REPLACE", code, target_nodes=node)
+                have = version
+            loaded.append(have)
+        if not loaded:
+            raise RuntimeError("the Redis Cluster reports no master")
+        return min(loaded)
+    token = secrets.token_hex(8)
+    deadline = time.monotonic() + _LOCK_MS / 1000
+    locked = False
+    while not locked and time.monotonic() < deadline:
+        locked = bool(c.execute_command("SET", _LOCK_KEY, token, "NX", "PX", _LOCK_MS))
+        if not locked:
+            time.sleep(0.02)
+    try:
+        current = _sync_loaded_version(c)
+        if current is not None and current >= version:
+            return current
+        c.execute_command("FUNCTION", "LOAD", "REPLACE", code)
+        return version
+    finally:
+        if locked:
+            c.execute_command("EVAL", _RELEASE, 1, _LOCK_KEY, token)
+
+
+class Publisher:
+    """Synchronous publisher. ``redis_url``: one URL, or the ordered list of shard URLs (the
+    hubs' ``--redis-url``s, same order); ``prefix``: the hubs' ``--redis-prefix``.
+
+    ``namespaces`` maps a namespace name to its :class:`~hub.channels.NamespaceOptions` (the
+    ``[namespaces.<name>]`` tables of the hubs' configuration file), ``channels`` are the
+    options of every other channel (``[channels]``); both default to no history anywhere.
+    :meth:`from_config` reads them, and the Redis options, from the hubs' file.
+
+    ``publish(channel, data, *, idempotency_key=None) -> int | StreamPosition``: ``int`` on a
+    plain channel (PUBLISH's reply: hub processes reached, 0 when no hub has a subscriber);
+    :class:`~hub.brokers.base.StreamPosition` ``(offset, epoch)`` on a history channel. An
+    ``idempotency_key`` (history channels only) makes a repeat within 300 s return the first
+    position and deliver nothing. ``data`` is any JSON-serialisable value.
+
+    Raises ValueError before anything is sent for an invalid channel name or data, or an
+    idempotency key on a plain channel (and at construction for no URL, several URLs with
+    ``cluster=True``, or a prefix with braces and history channels); redis-py's
+    ConnectionError or TimeoutError when Redis cannot be reached or does not answer (a
+    history publish is then never re-sent and may have been applied: see the module);
+    redis-py's ResponseError for an error reply.
     """
 
     def __init__(self, redis_url: str | Sequence[str], prefix: str = "hub:", *,
-                 cluster: bool = False, socket_timeout: float = 5.0) -> None:
+                 cluster: bool = False, socket_timeout: float = 5.0,
+                 namespaces: Mapping[str, NamespaceOptions] | None = None,
+                 channels: NamespaceOptions | None = None) -> None:
         self.prefix = prefix
         self.cluster = cluster
-        self._clients = _clients(redis_url, cluster, socket_timeout, RedisCluster, redis.Redis)
+        self.rules = _rules(prefix, namespaces, channels)
+        self._urls = _urls(redis_url, cluster)
+        self._socket_timeout = socket_timeout
+        self._clients = _clients(self._urls, cluster, socket_timeout, RedisCluster, redis.Redis,
+                                 None if cluster else Retry(NoBackoff(), 0))
+        self._history_clients: list[Any] = []
 
-    def publish(self, channel: str, data: Any) -> int:
+    @classmethod
+    def from_config(cls, path: str | os.PathLike[str], *,
+                    socket_timeout: float = 5.0) -> Publisher:
+        """A publisher configured by the hubs' TOML file: ``redis_url``, ``redis_prefix``,
+        ``redis_cluster``, ``[channels]`` and ``[namespaces.<name>]``. Only the file (and the
+        defaults) count: no ``HUB_*`` variable is read. Raises
+        :class:`~hub.exceptions.ConfigError` (a ValueError) for a bad file or one without
+        ``redis_url``."""
+        return cls(**_config_kwargs(path), socket_timeout=socket_timeout)
+
+    def options(self, channel: str) -> NamespaceOptions:
+        """The options of ``channel`` this publisher applies (history or not)."""
+        return self.rules.options(channel)
+
+    def _shard(self, channel: str) -> int:
+        return 0 if self.cluster else shard_index(channel, len(self._clients))
+
+    def _history_client(self, channel: str) -> Any:
+        """The shard's client, or a cluster client that never re-sends a command."""
+        if not self.cluster:
+            return self._clients[self._shard(channel)]
+        if not self._history_clients:
+            self._history_clients = _clients(self._urls, True, self._socket_timeout,
+                                             RedisCluster, None, Retry(NoBackoff(), 0))
+        return self._history_clients[0]
+
+    def publish(self, channel: str, data: Any, *,
+                idempotency_key: str | None = None) -> int | StreamPosition:
         name, payload = _message(channel, data, self.prefix)
-        if self.cluster:
-            return int(self._clients[0].spublish(name, payload))
-        return int(self._clients[shard_index(channel, len(self._clients))].publish(name, payload))
+        options = self.rules.options(channel)
+        _check_key(options, idempotency_key)
+        if not options.history:
+            client = self._clients[self._shard(channel)]
+            if self.cluster:
+                return int(client.spublish(name, payload))
+            return int(client.publish(name, payload))
+        client = self._history_client(channel)
+        args = _fcall_args(options, payload, idempotency_key)
+        try:
+            return _position(client.fcall("hub_publish", 1, name, *args))
+        except ResponseError as exc:
+            if not _not_found(exc):
+                raise
+        ensure_functions_sync(client)
+        return _position(client.fcall("hub_publish", 1, name, *args))
 
-    def publish_to_user(self, user_id: str, data: Any) -> int:
-        """Publish to the personal channel ``user:<user_id>`` of every connection of a user."""
-        return self.publish(personal_channel(user_id), data)
+    def publish_to_user(self, user_id: str, data: Any, *,
+                        idempotency_key: str | None = None) -> int | StreamPosition:
+        """Publish to the personal channel ``user:<user_id>`` of every connection of a user
+        (namespace ``user``: a history channel when ``[namespaces.user]`` says so)."""
+        return self.publish(personal_channel(user_id), data, idempotency_key=idempotency_key)
 
     def close(self) -> None:
-        for client in self._clients:
+        for client in self._clients + self._history_clients:
             client.close()
 
     def __enter__(self) -> Publisher:
@@ -92,30 +306,76 @@ class Publisher:
 
 
 class AsyncPublisher:
-    """The asyncio twin of :class:`Publisher`: the same arguments; methods are coroutines.
+    """The asyncio twin of :class:`Publisher`: the same arguments, :meth:`from_config` and
+    return values; methods are coroutines.
 
     Use ``async with AsyncPublisher(url) as hub: await hub.publish("news", {...})`` or call
     :meth:`aclose` when done.
     """
 
     def __init__(self, redis_url: str | Sequence[str], prefix: str = "hub:", *,
-                 cluster: bool = False, socket_timeout: float = 5.0) -> None:
+                 cluster: bool = False, socket_timeout: float = 5.0,
+                 namespaces: Mapping[str, NamespaceOptions] | None = None,
+                 channels: NamespaceOptions | None = None) -> None:
         self.prefix = prefix
         self.cluster = cluster
-        self._clients = _clients(redis_url, cluster, socket_timeout, AsyncRedisCluster,
-                                 aioredis.Redis)
-    async def publish(self, channel: str, data: Any) -> int:
-        name, payload = _message(channel, data, self.prefix)
-        if self.cluster:
-            return int(await self._clients[0].spublish(name, payload))
-        return int(await self._clients[shard_index(channel, len(self._clients))].publish(
-            name, payload))
+        self.rules = _rules(prefix, namespaces, channels)
+        self._urls = _urls(redis_url, cluster)
+        self._socket_timeout = socket_timeout
+        self._clients = _clients(self._urls, cluster, socket_timeout, AsyncRedisCluster,
+                                 aioredis.Redis, None if cluster else AsyncRetry(NoBackoff(), 0))
+        self._history_clients: list[Any] = []
 
-    async def publish_to_user(self, user_id: str, data: Any) -> int:
-        return await self.publish(personal_channel(user_id), data)
+    @classmethod
+    def from_config(cls, path: str | os.PathLike[str], *,
+                    socket_timeout: float = 5.0) -> AsyncPublisher:
+        """As :meth:`Publisher.from_config` (reads the file now, synchronously)."""
+        return cls(**_config_kwargs(path), socket_timeout=socket_timeout)
+
+    def options(self, channel: str) -> NamespaceOptions:
+        """The options of ``channel`` this publisher applies (history or not)."""
+        return self.rules.options(channel)
+
+    def _shard(self, channel: str) -> int:
+        return 0 if self.cluster else shard_index(channel, len(self._clients))
+
+    def _history_client(self, channel: str) -> Any:
+        """The shard's client, or a cluster client that never re-sends a command."""
+        if not self.cluster:
+            return self._clients[self._shard(channel)]
+        if not self._history_clients:
+            self._history_clients = _clients(self._urls, True, self._socket_timeout,
+                                             AsyncRedisCluster, None,
+                                             AsyncRetry(NoBackoff(), 0))
+        return self._history_clients[0]
+
+    async def publish(self, channel: str, data: Any, *,
+                      idempotency_key: str | None = None) -> int | StreamPosition:
+        name, payload = _message(channel, data, self.prefix)
+        options = self.rules.options(channel)
+        _check_key(options, idempotency_key)
+        if not options.history:
+            client = self._clients[self._shard(channel)]
+            if self.cluster:
+                return int(await client.spublish(name, payload))
+            return int(await client.publish(name, payload))
+        client = self._history_client(channel)
+        args = _fcall_args(options, payload, idempotency_key)
+        try:
+            return _position(await client.fcall("hub_publish", 1, name, *args))
+        except ResponseError as exc:
+            if not _not_found(exc):
+                raise
+        await ensure_functions(client)
+        return _position(await client.fcall("hub_publish", 1, name, *args))
+
+    async def publish_to_user(self, user_id: str, data: Any, *,
+                              idempotency_key: str | None = None) -> int | StreamPosition:
+        return await self.publish(personal_channel(user_id), data,
+                                  idempotency_key=idempotency_key)
 
     async def aclose(self) -> None:
-        for client in self._clients:
+        for client in self._clients + self._history_clients:
             await client.aclose()
 
     async def __aenter__(self) -> AsyncPublisher:
