@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -52,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--idempotency-key", metavar="KEY", default=None,
                          help="history channels only: a repeat with the same key on the same "
                          "channel within 300 s publishes nothing and prints the first offset "
-                         "and epoch (env HUB_IDEMPOTENCY_KEY; default none)")
+                         "and epoch (a per-message value: no variable; default none)")
     return parser
 
 
@@ -128,7 +127,7 @@ def _publish(args: argparse.Namespace) -> int:
         raise ConfigError(f"JSON argument is not valid JSON: {exc}") from None
     from redis.exceptions import ResponseError
 
-    key = args.idempotency_key or os.environ.get("HUB_IDEMPOTENCY_KEY") or None
+    key = args.idempotency_key or None
     try:
         with Publisher(list(config.redis_url), prefix=config.redis_prefix,
                        cluster=config.redis_cluster, namespaces=dict(config.namespaces),

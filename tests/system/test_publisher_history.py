@@ -19,9 +19,7 @@ from hub.channels import NamespaceOptions
 from hub.exceptions import ConfigError
 from hub.history import RedisHistory, history_channel
 from hub.sharding import shard_index
-
-from .conftest import wait_until
-from .test_cli import run_cli
+from tests.helpers import run_cli, wait_until
 
 CHAT = {"chat": NamespaceOptions(history_size=10, history_ttl=60)}
 
@@ -285,14 +283,16 @@ def test_cli_publish_with_config(tmp_path, redis_server):
     assert keyed.stdout == f"2 {epoch}\n", keyed.stderr
     again = run_cli("publish", "chat:c", "3", "--config", str(path), "--idempotency-key", "k")
     assert again.stdout == f"2 {epoch}\n", again.stderr
+    # no variable: an exported HUB_IDEMPOTENCY_KEY does not make repeats vanish
     from_env = run_cli("publish", "chat:c", "4", "--config", str(path),
                        env={"HUB_IDEMPOTENCY_KEY": "k"})
-    assert from_env.stdout == f"2 {epoch}\n", from_env.stderr
+    assert from_env.stdout == f"3 {epoch}\n", from_env.stderr
     plain = run_cli("publish", "news", "1", "--config", str(path))
     assert (plain.returncode, plain.stdout) == (0, "0\n"), plain.stderr
     refused = run_cli("publish", "news", "1", "--config", str(path), "--idempotency-key", "k")
     assert refused.returncode == 2 and "history channel" in refused.stderr, refused.stderr
-    assert [d for _, d in stream(redis_server.client(), "hub:chat:c")] == [b'{"a":1}', b"2"]
+    assert [d for _, d in stream(redis_server.client(), "hub:chat:c")] == [b'{"a":1}', b"2",
+                                                                           b"4"]
 
 
 # -- Redis Cluster ----------------------------------------------------------------------------
@@ -300,7 +300,7 @@ def test_cli_publish_with_config(tmp_path, redis_server):
 
 @pytest.fixture
 def cluster(tmp_path):
-    from .test_cluster import Cluster
+    from tests.system.test_cluster import Cluster
 
     nodes = Cluster(tmp_path / "cluster")
     try:
