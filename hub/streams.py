@@ -63,6 +63,7 @@ class _Stream:
     held: list[Publication] = field(default_factory=list)
     waiting: dict[HubConnection, list[Publication]] = field(default_factory=dict)
     settled: asyncio.Event = field(default_factory=asyncio.Event)
+    retired: set[str] = field(default_factory=set)  # epochs this process ended (new_epoch)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +165,9 @@ class Streams:
     def _accept(self, stream: _Stream, publication: Publication) -> None:
         offset = publication.offset
         assert offset is not None
+        if publication.epoch in stream.retired:  # a reused offset of an epoch we ended
+            self.metrics.history_duplicates.inc()
+            return
         if stream.epoch is not None and publication.epoch != stream.epoch:
             # The history was lost (Redis restarted without persistence, keys expired or
             # flushed) and began again: whatever came before in the new epoch is repaired,
@@ -227,9 +231,20 @@ class Streams:
         else:
             if read.position.offset < since.offset:
                 # Same epoch, fewer messages: Redis lost some (appendfsync everysec, a lagging
-                # replica). Offsets will be reused: tell the subscribers.
-                self._gap(stream, read.position.offset + 1, since.offset, stream.epoch)
-                stream.last = read.position.offset
+                # replica), and its offsets would be reused. Retire the epoch: clients then
+                # see recovered:false and this gap, never a duplicate or a silent hole.
+                try:
+                    position = await self.history.new_epoch(channel, since.epoch,
+                                                            ttl=options.history_ttl)
+                except Exception as exc:
+                    logger.warning("history of %r: cannot start a new epoch: %s", channel, exc)
+                    position = StreamPosition(read.position.offset, since.epoch)
+                self._gap(stream, read.position.offset + 1, None, position.epoch)
+                if position.epoch != since.epoch:
+                    stream.retired.add(since.epoch)
+                stream.epoch, stream.last = position.epoch, position.offset
+                self._settle(stream)
+                return
             pubs = [p for p in read.publications if p.offset and p.offset > since.offset]
             first = pubs[0].offset if pubs else read.position.offset + 1
             assert first is not None

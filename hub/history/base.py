@@ -111,6 +111,12 @@ class History(abc.ABC):
         (``ttl`` as there). Raises :class:`ValueError` for ``limit < 0``.
         """
 
+    @abc.abstractmethod
+    async def new_epoch(self, channel: str, expected: str, *, ttl: float) -> StreamPosition:
+        """Retire epoch ``expected`` of ``channel`` if it is still the current one: a new
+        epoch begins at offset 0 and the stream is dropped (a hub saw offsets reused: Redis
+        came back with fewer messages). Returns the current position either way."""
+
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Prepare the store (Redis: load the function library, never downgrading it).
         Never raises for an unreachable Redis: the library is loaded again on first use."""

@@ -11,7 +11,7 @@
 -- and publishes "<offset>:<epoch>:<payload>" on the pub/sub channel {K}:h (SPUBLISH when the
 -- server runs in cluster mode, else PUBLISH).
 
-local VERSION = 2
+local VERSION = 3
 local DEFAULT_META_TTL = 30 * 24 * 3600  -- seconds
 local IDEMPOTENCY_TTL = 300              -- seconds
 
@@ -137,6 +137,31 @@ local function hub_position(keys, args)
   local meta_ms
   meta_ms, err = meta_ms_of(args[2], ttl)
   if err then return err end
+  local offset, epoch = meta(base, meta_ms)
+  return {offset, epoch}
+end
+
+-- FCALL hub_new_epoch 1 K <expected_epoch> <ttl> [<meta_ttl>] -> {offset, epoch}
+-- Start a new epoch (offset 0, the stream dropped) when the current one is <expected_epoch>:
+-- a hub that delivered offsets this epoch no longer holds (Redis came back with fewer
+-- messages) retires it, so that reused offsets surface as a new epoch, never as duplicates.
+-- Another epoch already: nothing changes (another hub did it first).
+local function hub_new_epoch(keys, args)
+  local base = base_of(keys[1])
+  if type(base) == 'table' then return base end
+  local expected = args[1]
+  if expected == nil or expected == '' then
+    return redis.error_reply('ERR hub: expected epoch missing')
+  end
+  local ttl, err = number_arg(args[2] or '0', 'ttl')
+  if err then return err end
+  local meta_ms
+  meta_ms, err = meta_ms_of(args[3], ttl)
+  if err then return err end
+  local current = redis.call('HGET', base .. ':m', 'e')
+  if current == expected then
+    redis.call('DEL', base .. ':m')
+  end
   local offset, epoch = meta(base, meta_ms)
   return {offset, epoch}
 end
@@ -427,4 +452,5 @@ redis.register_function{function_name = 'hub_presence_due',
 redis.register_function('hub_version', function() return VERSION end)
 redis.register_function('hub_publish', hub_publish)
 redis.register_function('hub_position', hub_position)
+redis.register_function('hub_new_epoch', hub_new_epoch)
 redis.register_function('hub_read', hub_read)

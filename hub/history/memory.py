@@ -84,6 +84,13 @@ class MemoryHistory(History):
         state = self._meta(channel, ttl, self._clock())
         return StreamPosition(state.offset, state.epoch)
 
+    async def new_epoch(self, channel: str, expected: str, *, ttl: float) -> StreamPosition:
+        state = self._channels.get(channel)
+        if state is not None and state.epoch == expected:
+            del self._channels[channel]
+        state = self._meta(channel, ttl, self._clock())
+        return StreamPosition(state.offset, state.epoch)
+
     async def read(self, channel: str, *, since: StreamPosition | None, limit: int,
                    ttl: float = 0.0) -> HistoryRead:
         if limit < 0:

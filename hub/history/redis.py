@@ -251,6 +251,11 @@ class RedisHistory(History):
                                   repr(float(self.meta_ttl)), safe=True)
         return StreamPosition(int(reply[0]), _text(reply[1]))
 
+    async def new_epoch(self, channel: str, expected: str, *, ttl: float) -> StreamPosition:
+        reply = await self._fcall("hub_new_epoch", channel, expected, repr(float(ttl)),
+                                  repr(float(self.meta_ttl)), safe=True)
+        return StreamPosition(int(reply[0]), _text(reply[1]))
+
     async def read(self, channel: str, *, since: StreamPosition | None, limit: int,
                    ttl: float = 0.0) -> HistoryRead:
         if limit < 0:

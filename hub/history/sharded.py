@@ -37,6 +37,9 @@ class ShardedHistory(History):
     async def position(self, channel: str, *, ttl: float) -> StreamPosition:
         return await self.store(channel).position(channel, ttl=ttl)
 
+    async def new_epoch(self, channel: str, expected: str, *, ttl: float) -> StreamPosition:
+        return await self.store(channel).new_epoch(channel, expected, ttl=ttl)
+
     async def read(self, channel: str, *, since: StreamPosition | None, limit: int,
                    ttl: float = 0.0) -> HistoryRead:
         return await self.store(channel).read(channel, since=since, limit=limit, ttl=ttl)

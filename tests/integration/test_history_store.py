@@ -555,3 +555,17 @@ def test_memory_and_redis_agree(redis_server, ops):
             await client.aclose()
 
     asyncio.run(both())
+
+
+async def test_new_epoch_retires_only_the_expected_epoch(h):
+    await h.store.publish("chat:n", b"1", size=10, ttl=60)
+    old = (await h.store.publish("chat:n", b"2", size=10, ttl=60)).epoch
+    # another epoch named: nothing changes
+    assert await h.store.new_epoch("chat:n", "f" * 20, ttl=60) == StreamPosition(2, old)
+    fresh = await h.store.new_epoch("chat:n", old, ttl=60)
+    assert fresh.offset == 0 and fresh.epoch != old
+    # a second hub retiring the same old epoch does not wipe the new one
+    assert await h.store.new_epoch("chat:n", old, ttl=60) == fresh
+    assert await h.store.publish("chat:n", b"3", size=10, ttl=60) == StreamPosition(1, fresh.epoch)
+    read = await h.store.read("chat:n", since=StreamPosition(2, old), limit=10)
+    assert not read.complete and [p.offset for p in read.publications] == [1]

@@ -281,3 +281,30 @@ async def test_recovering_clients_lose_nothing_while_publishing_goes_on(
                      for h in hubs)
     print(f"\n{clients} clients, {total} messages, {recoveries:g} recoveries, all complete")
     assert recoveries > 0
+
+
+async def test_redis_back_with_fewer_messages_starts_a_new_epoch(tmp_path, redis_server,
+                                                                 hub_factory):
+    """Redis comes back in the same epoch but without its last messages (what appendfsync
+    everysec or a lagging replica can do): the hub does not reuse offsets silently; it
+    retires the epoch, tells its clients with a gap frame, and the next message arrives in
+    the new epoch."""
+    hub = hub_factory("--config", config_file(tmp_path), redis=redis_server)
+    client = redis_server.client()
+    async with open_ws(hub.ws_url + "?user=a") as ws:
+        ack = await command(ws, op="subscribe", channel="chat:lost", id=1)
+        old = ack["epoch"]
+        for i in range(5):
+            fcall(redis_server, "chat:lost", i)
+        assert [m["offset"] for m in await messages(ws, 5)] == [1, 2, 3, 4, 5]
+        # the state of an older snapshot: offset 3, messages 4 and 5 gone, same epoch
+        client.hset("{hub:chat:lost}:m", "o", 3)
+        client.xtrim("{hub:chat:lost}:s", minid="6-0")
+        client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        gap = await recv_json(ws, 15)
+        assert gap["type"] == "gap" and gap["channels"] == ["chat:lost"], gap
+        assert gap["epoch"] != old and gap["from"] == 4
+        offset, epoch = fcall(redis_server, "chat:lost", "after")
+        assert (offset, epoch) == (1, gap["epoch"])
+        got = await recv_json(ws)
+        assert (got["offset"], got["data"]) == (1, "after")
