@@ -87,8 +87,9 @@ class RedisPresence(Presence):
 
     ``prefix``: the hub's Redis prefix (``hub:``, no brace). ``batch``: at most this many
     entries per ``FCALL hub_presence_refresh`` and this many such calls per pipeline in
-    :meth:`refresh` (a call of 500 entries keeps Redis busy for about 10 ms). Without a
-    cluster, 20,000 entries are about 40 calls in one pipeline: one round trip. In a cluster,
+    :meth:`refresh`: each call keeps Redis busy in proportion to ``batch`` (figures in
+    docs/presence-format.md; lower it if that latency matters). Without a cluster, 20,000
+    entries are about 40 calls in one pipeline: one round trip. In a cluster,
     one call per slot touched (at most 16384) per ``batch`` entries, one pipeline per
     ``batch`` calls (redis-py sends a pipeline's commands to every master in parallel). With
     several independent shards, build one store per shard client and pick it by
