@@ -161,8 +161,9 @@ HOSTILE: list[tuple[str, str | bytes, str, object]] = [
 
 
 async def test_hostile_frames_get_their_error_and_the_connection_stays_open(hub_factory):
-    hub = hub_factory("--max-message-bytes", str(1 << 20), "--client-publish", "pub.*",
-                      "--rate-limit", "0")
+    # --max-payload-bytes: one of the publishes below is a 200 KB string
+    hub = hub_factory("--max-message-bytes", str(1 << 20), "--max-payload-bytes", "300000",
+                      "--client-publish", "pub.*", "--rate-limit", "0")
     async with open_ws(hub.ws_url + "?user=alice") as ws, open_ws(hub.ws_url) as other:
         await send_recv(other, {"op": "subscribe", "channel": "pub.x", "id": 0})
         for n, (what, frame, expected, cid) in enumerate(HOSTILE):

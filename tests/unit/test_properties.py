@@ -25,6 +25,7 @@ from hub.protocol import (
     OPS,
     Command,
     Connect,
+    History,
     Ping,
     Publish,
     Refresh,
@@ -93,8 +94,8 @@ def assert_documented_error(exc: ProtocolError) -> None:
 
 def assert_well_formed(cmd: Command) -> None:
     assert cmd.op in OPS
-    assert isinstance(cmd, (Subscribe, Unsubscribe, Publish, Ping, Connect, Refresh))
-    if isinstance(cmd, (Subscribe, Unsubscribe, Publish)):
+    assert isinstance(cmd, (Subscribe, Unsubscribe, Publish, Ping, Connect, Refresh, History))
+    if isinstance(cmd, (Subscribe, Unsubscribe, Publish, History)):
         assert cmd.channel is not None and CHANNEL_RE.fullmatch(cmd.channel)
     if isinstance(cmd, Publish):
         assert cmd.data is not None
