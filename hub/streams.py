@@ -64,6 +64,9 @@ class _Stream:
     waiting: dict[HubConnection, list[Publication]] = field(default_factory=dict)
     settled: asyncio.Event = field(default_factory=asyncio.Event)
     retired: set[str] = field(default_factory=set)  # epochs this process ended (new_epoch)
+    # A subscriber caught up from a history read that ran ahead of this process's live
+    # stream: the live copies of offsets up to its mark are not sent to it again.
+    skip: dict[HubConnection, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +127,7 @@ class Streams:
         stream = self._streams.get(channel)
         if stream is not None:
             stream.waiting.pop(conn, None)
+            stream.skip.pop(conn, None)
 
     async def _init(self, stream: _Stream) -> None:
         options = self.rules.options(stream.channel)
@@ -174,6 +178,7 @@ class Streams:
             # the end of the old one cannot be.
             self._gap(stream, None, None, publication.epoch)
             stream.last = 0
+            stream.skip.clear()
         stream.epoch = publication.epoch
         last = stream.last
         if last is None or offset == last + 1:
@@ -264,10 +269,17 @@ class Streams:
         conns = self.registry.by_channel.get(stream.channel)
         if not conns:
             return
-        waiting = stream.waiting
+        waiting, skip = stream.waiting, stream.skip
         if waiting:
             for buffer in waiting.values():
                 buffer.append(publication)
+        if skip and publication.offset is not None:
+            offset = publication.offset
+            self._deliver(publication, [c for c in conns if c not in waiting
+                                        and skip.get(c, 0) < offset])
+            for conn in [c for c, mark in skip.items() if mark <= offset]:
+                del skip[conn]
+        elif waiting:
             self._deliver(publication, [c for c in conns if c not in waiting])
         else:
             self._deliver(publication, conns)
@@ -379,6 +391,10 @@ class Streams:
         if replay:
             for publication in replay:
                 self._deliver(publication, (conn,))
+            newest = max((p.offset for p in replay if p.offset is not None
+                          and p.epoch == stream.epoch), default=0)
+            if newest > (stream.last or 0):  # the read ran ahead of the live stream
+                stream.skip[conn] = newest
 
     @staticmethod
     def _recovered(read: HistoryRead, since: StreamPosition | None) -> bool:
