@@ -234,10 +234,13 @@ class Streams:
             self._gap(stream, since.offset + 1, None, read.position.epoch)
             stream.epoch, stream.last = read.position.epoch, read.position.offset
         else:
-            if read.position.offset < since.offset:
-                # Same epoch, fewer messages: Redis lost some (appendfsync everysec, a lagging
-                # replica), and its offsets would be reused. Retire the epoch: clients then
-                # see recovered:false and this gap, never a duplicate or a silent hole.
+            seen = max([since.offset, *(p.offset for p in stream.held
+                                        if p.offset is not None and p.epoch == stream.epoch)])
+            if read.position.offset < seen:
+                # Same epoch, fewer messages than this process delivered or received: Redis
+                # lost some (appendfsync everysec, a lagging replica), and its offsets would
+                # be reused. Retire the epoch: clients then see recovered:false and this gap,
+                # never a duplicate or a silent hole (and no repair loop waiting for them).
                 try:
                     position = await self.history.new_epoch(channel, since.epoch,
                                                             ttl=options.history_ttl)
