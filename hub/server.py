@@ -156,6 +156,8 @@ class Hub:
             except OSError as exc:
                 self.server.close()
                 raise address_error(cfg.host, cfg.metrics_port, exc) from None
+        if cfg.api_port is not None:
+            self._bind_api(reuse_port)
         if cfg.jwt_secret is None:
             logger.warning("authentication is OFF (no --jwt-secret): any client may connect "
                            "and claim any user id with ?user=; never run this in production")
@@ -163,8 +165,8 @@ class Hub:
             logger.warning("--jwt-secret is shorter than 32 bytes; HS256 wants at least 32")
         self._warn_origins()
         await self.node.start()
-        if cfg.api_port is not None:
-            await self._start_api(reuse_port)
+        if self.api is not None:
+            await self.api.start()
         await self.server.start_serving()
         loop = type(asyncio.get_running_loop()).__module__.partition(".")[0]
         logger.info("listening on %s:%d%s (%s broker, %s loop)", cfg.host, self.port,
@@ -177,31 +179,29 @@ class Hub:
             logger.info("HTTP API on http://%s:%d/api/ (%d keys)", cfg.api_host, self.api.port,
                         len(cfg.api_key))
 
-    async def _start_api(self, reuse_port: bool) -> None:
-        """Bind and serve the ``--api-port`` listener; on a bind error undo what
-        :meth:`start` did so far and raise :class:`ConfigError`."""
+    def _bind_api(self, reuse_port: bool) -> None:
+        """Build the ``--api-port`` server and bind its socket (it serves once the node has
+        started); on a bind error undo what :meth:`start` did so far and raise
+        :class:`ConfigError`."""
         from . import __version__
         from .api import ApiServer
 
         cfg = self.config
         assert cfg.api_port is not None
-        for key in cfg.api_key:
-            if len(key.encode()) < 16:
-                logger.warning("an --api-key is shorter than 16 characters; use long random "
-                               "keys (openssl rand -hex 32)")
-                break
         api = ApiServer(self.node, self.metrics, keys=cfg.api_key,
                         max_body_bytes=cfg.api_max_body_bytes, version=__version__,
                         shutdown_timeout=cfg.shutdown_timeout)
         try:
-            await api.start(cfg.api_host, cfg.api_port, reuse_port=reuse_port)
+            api.bind(cfg.api_host, cfg.api_port, reuse_port=reuse_port)
         except OSError as exc:
             self.server.close()
             if self.metrics_server is not None:
                 self.metrics_server.close()
-            await self.node.stop()
             raise address_error(cfg.api_host, cfg.api_port, exc, "--api-host") from None
         self.api = api
+        if any(len(key.encode()) < 16 for key in cfg.api_key):
+            logger.warning("an --api-key is shorter than 16 characters; use long random keys "
+                           "(openssl rand -hex 32)")
 
     async def _serve_metrics(self, port: int, reuse_port: bool) -> Any:
         """The ``--metrics-port`` listener, bound but not serving: a websockets server

@@ -19,6 +19,7 @@ import hmac
 import importlib.resources
 import logging
 import os
+import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -53,6 +54,36 @@ ENDPOINTS = ("publish", "broadcast", "history", "batch", "info")
 OPENAPI: bytes = importlib.resources.files(__package__).joinpath("openapi.json").read_bytes()
 
 _JSON = "application/json"
+
+
+class _OneLinePerInterval(logging.Filter):
+    """aiohttp's connection-level errors (a malformed request, a peer gone mid-body) as one
+    line without traceback, at most one per :data:`LOG_INTERVAL` seconds: hostile clients
+    cost no log flood."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last = -float("inf")
+        self.dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        if now - self.last < LOG_INTERVAL:
+            self.dropped += 1
+            return False
+        exc = record.exc_info[1] if record.exc_info else None
+        record.msg = f"HTTP API: {record.getMessage()}{f': {exc}' if exc else ''}" + (
+            f" ({self.dropped} more since the last such line)" if self.dropped else "")
+        record.args, record.exc_info, record.exc_text = None, None, None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        self.last, self.dropped = now, 0
+        return True
+
+
+#: Seconds between two log lines about malformed requests (the count in between).
+LOG_INTERVAL = 10.0
+_QUIET = logging.getLogger("hub.api.http")
+_QUIET.addFilter(_OneLinePerInterval())
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -84,39 +115,60 @@ class ApiServer:
         self.app.router.add_get("/api/openapi.json", self._openapi, name="openapi",
                                 allow_head=False)
         self.app.on_response_prepare.append(_server_header)
+        self._sock: socket.socket | None = None
         self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
+        self._site: web.SockSite | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
-        """Bind ``host:port`` and serve (SO_REUSEPORT with ``reuse_port``: ``--workers``).
-        Raises OSError when the address cannot be bound; then nothing is left running."""
-        runner = web.AppRunner(self.app, handle_signals=False, access_log=None,
-                               shutdown_timeout=self.shutdown_timeout)
-        await runner.setup()
-        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None,
-                           reuse_address=True)
+    def bind(self, host: str, port: int, *, reuse_port: bool = False) -> None:
+        """Bind and listen on ``host:port`` (SO_REUSEPORT with ``reuse_port``: ``--workers``)
+        without serving yet, so that a bad address fails before anything starts. Raises
+        OSError (socket.gaierror for a host that does not resolve)."""
+        family, type_, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, type_, proto)
         try:
-            await site.start()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(address)
+            sock.listen(1024)
+            sock.setblocking(False)
         except BaseException:
-            await runner.cleanup()
+            sock.close()
             raise
-        self._runner, self._site = runner, site
+        self._sock = sock
+
+    async def start(self) -> None:
+        """Serve on the socket of :meth:`bind`."""
+        assert self._sock is not None, "bind() first"
+        runner = web.AppRunner(self.app, handle_signals=False, access_log=None,
+                               shutdown_timeout=self.shutdown_timeout, logger=_QUIET)
+        await runner.setup()
+        self._site = web.SockSite(runner, self._sock)
+        self._runner = runner
+        await self._site.start()
 
     @property
     def port(self) -> int:
         """The bound port (useful with 0)."""
-        assert self._runner is not None, "start() first"
-        server = self._runner.addresses[0]
-        port: int = server[1]
+        assert self._sock is not None, "bind() first"
+        port: int = self._sock.getsockname()[1]
         return port
+
+    def close(self) -> None:
+        """Close a socket bound but never served (:meth:`start` failed or never ran)."""
+        if self._runner is None and self._sock is not None:
+            self._sock.close()
 
     async def stop(self) -> None:
         """Stop listening, let requests in flight finish (``shutdown_timeout``), close."""
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+        elif self._sock is not None:
+            self._sock.close()
 
     # -- the pipeline: metrics, errors, authentication -------------------------------------
 
