@@ -286,10 +286,10 @@ class Config:
             raise ConfigError("--api-port needs --api-key: the HTTP API is never open "
                               "without a key")
         for key in self.api_key:
-            if not key or any(c.isspace() or not c.isprintable() or not c.isascii()
-                              for c in key):
+            if not key or any(c.isspace() or c == "," or not c.isprintable()
+                              or not c.isascii() for c in key):
                 raise ConfigError("--api-key: a key is 1 or more printable ASCII characters "
-                                  "without spaces")
+                                  "without spaces or commas")
 
     @classmethod
     def from_sources(cls, flags: Mapping[str, Any], environ: Mapping[str, str] | None = None,
