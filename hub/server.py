@@ -241,6 +241,7 @@ class Hub:
         if self.api is not None:
             try:
                 await asyncio.wait_for(self.api.stop(), self.config.shutdown_timeout + 1)
+                logger.info("HTTP API stopped")
             except TimeoutError:
                 logger.warning("the HTTP API did not stop in time")
         self.server.close(close_connections=False)

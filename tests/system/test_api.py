@@ -285,6 +285,22 @@ async def test_redis_down_is_503(tmp_path, hub_factory, redis_server):
         >= 2, "\n".join(line for line in text.splitlines() if line.startswith("hub_api_req"))
 
 
+async def test_sigterm_stops_the_api_first_and_answers_a_request_in_flight(
+        tmp_path, hub_factory, redis_server):
+    hub = api_hub(hub_factory, tmp_path, "--probe-timeout", "2", redis=redis_server)
+    redis_server.pause()  # the publish below waits for Redis: in flight when SIGTERM comes
+    request = asyncio.ensure_future(post(hub, "/api/publish", {"channel": "news", "data": 1}))
+    await asyncio.sleep(0.3)
+    assert not request.done()
+    hub.terminate()
+    status, reply = await asyncio.wait_for(request, 15)  # answered, not cut
+    assert (status, reply) == (503, error("unavailable"))
+    redis_server.resume()
+    assert await asyncio.to_thread(hub.wait, 15) == 0
+    log = hub.log_text()
+    assert log.index("HTTP API stopped") < log.index("shutting down: closing")
+
+
 def test_api_port_without_api_key_exits_2():
     line = config_error(run_cli("serve", "--api-port", str(free_port())))
     assert "--api-port needs --api-key" in line
