@@ -315,6 +315,21 @@ def test_api_port_without_api_key_exits_2():
     assert line.startswith(f"hub: cannot listen on 127.0.0.1:{port}"), line
 
 
+def test_workers_refuse_an_api_port_in_use_or_0(tmp_path, redis_server):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        line = config_error(run_cli("serve", "--workers", "2", "--redis-url", redis_server.url,
+                                    "--port", str(free_port()), "--api-port", str(port),
+                                    "--api-key", KEY))
+    assert line.startswith(f"hub: cannot listen on 127.0.0.1:{port}"), line
+    line = config_error(run_cli("serve", "--workers", "2", "--redis-url", redis_server.url,
+                                "--port", str(free_port()), "--api-port", "0",
+                                "--api-key", KEY))
+    assert "--api-port 0 cannot be used with --workers 2" in line
+
+
 async def test_workers_share_the_api_port(tmp_path, hub_factory, redis_server):
     hub = api_hub(hub_factory, tmp_path, "--workers", "2", redis=redis_server)
     pids = set()
