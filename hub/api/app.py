@@ -67,6 +67,8 @@ class _OneLinePerInterval(logging.Filter):
         self.dropped = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:  # aiohttp's debug lines (--log-level debug)
+            return True
         now = time.monotonic()
         if now - self.last < LOG_INTERVAL:
             self.dropped += 1
@@ -157,13 +159,9 @@ class ApiServer:
         port: int = self._sock.getsockname()[1]
         return port
 
-    def close(self) -> None:
-        """Close a socket bound but never served (:meth:`start` failed or never ran)."""
-        if self._runner is None and self._sock is not None:
-            self._sock.close()
-
     async def stop(self) -> None:
-        """Stop listening, let requests in flight finish (``shutdown_timeout``), close."""
+        """Stop listening, let requests in flight finish (``shutdown_timeout``), close; also
+        closes a socket bound but never served."""
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()

@@ -112,7 +112,7 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**63, 2**63
                            max_leaves=20)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(method=st.sampled_from(["publish", "broadcast", "history", "info", "batch", "x"]),
        obj=st.dictionaries(st.sampled_from(["channel", "channels", "data", "limit", "since",
                                             "idempotency_key", "commands", "method",

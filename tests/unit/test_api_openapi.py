@@ -66,3 +66,31 @@ def test_api_md_documents_every_endpoint_and_error_code():
 def test_an_api_server_without_keys_is_refused(keys):
     with pytest.raises(ValueError):
         ApiServer(Node(MemoryBroker()), Metrics(), keys=keys, max_body_bytes=1, version="0")
+
+
+def test_aiohttp_errors_are_one_line_per_interval_without_traceback():
+    import logging
+
+    from hub.api.app import _OneLinePerInterval
+
+    quiet = _OneLinePerInterval()
+
+    def record(level: int = logging.ERROR) -> logging.LogRecord:
+        try:
+            raise ValueError("bad request line")
+        except ValueError:
+            import sys
+
+            return logging.LogRecord("x", level, __file__, 1, "Error handling %s", ("request",),
+                                     sys.exc_info())
+
+    first = record()
+    assert quiet.filter(first)
+    assert first.getMessage() == "HTTP API: Error handling request: bad request line"
+    assert first.exc_info is None and first.levelname == "WARNING"
+    assert not quiet.filter(record()) and not quiet.filter(record())
+    assert quiet.filter(record(logging.DEBUG))  # debug lines untouched
+    quiet.last -= 11
+    again = record()
+    assert quiet.filter(again)
+    assert again.getMessage().endswith("(2 more since the last such line)")
