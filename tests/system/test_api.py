@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import itertools
 import json
 import socket
@@ -239,6 +240,13 @@ async def test_http_errors_and_hostile_bodies(tmp_path, hub_factory):
         for path in paths:
             status, reply = await post(hub, path, raw=body)
             assert 400 <= status < 500 and set(reply) == {"error"}, (path, body[:60], reply)
+    # a gzip bomb: the limit applies to the decoded body (aiohttp decodes Content-Encoding)
+    bomb = gzip.compress(b'{"channel":"a","data":"' + b"x" * 20_000_000 + b'"}')
+    assert await post(hub, "/api/publish", raw=bomb, headers={"Content-Encoding": "gzip"}) == \
+        (413, error("too_large"))
+    small = gzip.compress(b'{"channel":"a","data":1}')
+    assert await post(hub, "/api/publish", raw=small, headers={"Content-Encoding": "gzip"}) == \
+        (200, {})
     # headers past aiohttp's limits and odd content types
     status, _ = await post(hub, "/api/info", {}, headers={"Content-Type": "text/plain"})
     assert status == 200
