@@ -244,6 +244,8 @@ class Hub:
                 logger.info("HTTP API stopped")
             except TimeoutError:
                 logger.warning("the HTTP API did not stop in time")
+            except Exception:  # stop() never raises: the WebSocket side must still close
+                logger.exception("the HTTP API failed to stop")
         self.server.close(close_connections=False)
         if self.metrics_server is not None:
             self.metrics_server.close()
