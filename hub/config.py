@@ -113,6 +113,13 @@ OPTIONS: tuple[Option, ...] = (
            "/healthz and /readyz (plain HTTP, no authentication; SO_REUSEPORT with "
            "--workers); /metrics on --port then answers 404",
            default_text="none: /metrics on --port"),
+    Option("api_port", int, "TCP port of the HTTP server API (docs/api.md: publish, "
+           "broadcast, history, batch, info); needs --api-key; SO_REUSEPORT with --workers",
+           default_text="none: no HTTP API"),
+    Option("api_host", str, "interface the HTTP API listens on"),
+    Option("api_key", str, "a key the HTTP API accepts as Authorization: Bearer <key>; "
+           "repeatable, any one of them is accepted (rotation)", repeat=True,
+           default_text="none"),
     # Limits
     Option("max_connections", int, "connections per process; past it the handshake gets 503"),
     Option("max_connections_per_user", int, "connections per user id per process; past it "
@@ -126,6 +133,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_header_line_bytes", int, "longest request line or header line of a handshake "
            "request, in bytes; longer: the connection is closed without a response"),
     Option("max_subscriptions", int, "channel subscriptions per connection"),
+    Option("api_max_body_bytes", int, "largest HTTP API request body in bytes; larger: 413"),
     Option("max_message_bytes", int, "largest client message in bytes; larger closes with 1009"),
     Option("max_buffer_bytes", int, "per-connection write buffer in bytes above which a "
            "slow consumer is closed with 4008"),
@@ -180,6 +188,9 @@ class Config:
     workers: int = 1
     share_port: bool = False
     metrics_port: int | None = None
+    api_port: int | None = None
+    api_host: str = "127.0.0.1"
+    api_key: tuple[str, ...] = field(default=(), repr=False)
     # Limits
     max_connections: int = 10000
     max_connections_per_user: int = 100
@@ -188,6 +199,7 @@ class Config:
     max_request_headers: int = 32
     max_header_line_bytes: int = 8192
     max_subscriptions: int = 128
+    api_max_body_bytes: int = 1048576
     max_message_bytes: int = 65536
     max_buffer_bytes: int = 1048576
     max_payload_bytes: int = 65536
@@ -212,7 +224,8 @@ class Config:
         positive = ("max_connections", "max_subscriptions", "max_message_bytes",
                     "max_buffer_bytes", "max_payload_bytes", "max_lag", "workers",
                     "probe_interval", "probe_timeout", "auth_timeout", "max_pending_handshakes",
-                    "handshake_timeout", "max_request_headers", "max_header_line_bytes")
+                    "handshake_timeout", "max_request_headers", "max_header_line_bytes",
+                    "api_max_body_bytes")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_BY_NAME[name].flag} must be > 0, got {getattr(self, name)}")
@@ -238,6 +251,7 @@ class Config:
                 raise ConfigError(f"--metrics-port must be 0..65535, got {self.metrics_port}")
             if self.metrics_port == self.port and self.port != 0:
                 raise ConfigError("--metrics-port must differ from --port")
+        self._validate_api()
         if self.workers > 1 and not self.redis_url:
             raise ConfigError("--workers above 1 needs --redis-url: the embedded broker only "
                               "reaches its own process")
@@ -257,6 +271,25 @@ class Config:
         for opt in OPTIONS:
             if opt.choices and getattr(self, opt.name) not in opt.choices:
                 raise ConfigError(f"{opt.flag} must be one of {', '.join(opt.choices)}")
+
+    def _validate_api(self) -> None:
+        if self.api_port is None:
+            if self.api_key:
+                raise ConfigError("--api-key is given without --api-port: the key would "
+                                  "enable nothing")
+            return
+        if not 0 <= self.api_port <= 65535:
+            raise ConfigError(f"--api-port must be 0..65535, got {self.api_port}")
+        if self.api_port != 0 and self.api_port in (self.port, self.metrics_port):
+            raise ConfigError("--api-port must differ from --port and --metrics-port")
+        if not self.api_key:
+            raise ConfigError("--api-port needs --api-key: the HTTP API is never open "
+                              "without a key")
+        for key in self.api_key:
+            if not key or any(c.isspace() or c == "," or not c.isprintable()
+                              or not c.isascii() for c in key):
+                raise ConfigError("--api-key: a key is 1 or more printable ASCII characters "
+                                  "without spaces or commas")
 
     @classmethod
     def from_sources(cls, flags: Mapping[str, Any], environ: Mapping[str, str] | None = None,
@@ -344,10 +377,11 @@ _DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(Confi
                              if not f.metadata.get("file_only")}
 
 
-def address_error(host: str, port: int, exc: OSError) -> ConfigError:
-    """The one-line configuration error for ``exc``, raised binding ``host:port``."""
+def address_error(host: str, port: int, exc: OSError, flag: str = "--host") -> ConfigError:
+    """The one-line configuration error for ``exc``, raised binding ``host:port`` (``flag``
+    names the host's option)."""
     if isinstance(exc, socket.gaierror):
-        return ConfigError(f"--host {host!r} is neither an IP address nor a name that resolves: "
+        return ConfigError(f"{flag} {host!r} is neither an IP address nor a name that resolves: "
                            f"{exc.strerror or exc}")
     # uvloop's strerror is a whole sentence naming the address again; the errno says it all
     reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else str(exc)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
@@ -75,6 +75,15 @@ class Metrics:
         self.unrecorded_publishes = Counter(
             "hub_unrecorded_publishes", "Plain PUBLISHes on history channels: delivered live, "
             "not recorded, not recoverable", registry=r)
+        self.api_requests = Counter(
+            "hub_api_requests", "HTTP API requests (--api-port), by endpoint (publish, "
+            "broadcast, history, batch, info, openapi; other: an unknown path) and HTTP status",
+            ["endpoint", "status"], registry=r)
+        self.api_seconds = Histogram(
+            "hub_api_request_seconds", "Seconds from an HTTP API request's headers to its "
+            "answer, by endpoint", ["endpoint"], registry=r,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                     2.5, 5.0, 10.0))
         self.broker_connect_attempts = _CallbackCounter(
             "hub_broker_connect_attempts", "Attempts to (re)build a broker link, successful or "
             "not")

@@ -6,9 +6,12 @@ lags at most ``--max-lag`` seconds behind Redis, and the process is not stopping
 ``GET /metrics`` (Prometheus text), anything else 404. With ``--metrics-port``, a second
 listener answers ``/metrics``, ``/healthz`` and ``/readyz`` (plain HTTP, its own accept
 queue, so probes do not wait behind the public port), and ``/metrics`` on the main port
-answers 404.
+answers 404. With ``--api-port`` (and ``--api-key``), a third listener serves the HTTP
+server API (:mod:`hub.api`, aiohttp, docs/api.md), started after the node.
 
-Shutdown (SIGTERM or SIGINT), in order: ``/readyz`` turns 503 and the listening socket closes;
+Shutdown (SIGTERM or SIGINT), in order: the HTTP API stops listening and lets its requests
+in flight finish (at most ``--shutdown-timeout`` seconds); ``/readyz`` turns 503 and the
+listening socket closes;
 every connection gets close code 1001 (going away); connections that have not closed within
 ``--shutdown-timeout`` seconds are aborted; the broker link closes; the process exits 0.
 """
@@ -95,6 +98,7 @@ class Hub:
         self.stopping = False
         self.server: Any = None
         self.metrics_server: Any = None
+        self.api: Any = None  # hub.api.ApiServer with --api-port (aiohttp imported then only)
         self._connection_class = type("HubConnection", (HubConnection,), {
             "owner": self, "frame_rate": config.max_frame_rate,
             "frame_burst": 2 * config.max_frame_rate,
@@ -152,6 +156,8 @@ class Hub:
             except OSError as exc:
                 self.server.close()
                 raise address_error(cfg.host, cfg.metrics_port, exc) from None
+        if cfg.api_port is not None:
+            self._bind_api(reuse_port)
         if cfg.jwt_secret is None:
             logger.warning("authentication is OFF (no --jwt-secret): any client may connect "
                            "and claim any user id with ?user=; never run this in production")
@@ -159,6 +165,8 @@ class Hub:
             logger.warning("--jwt-secret is shorter than 32 bytes; HS256 wants at least 32")
         self._warn_origins()
         await self.node.start()
+        if self.api is not None:
+            await self.api.start()
         await self.server.start_serving()
         loop = type(asyncio.get_running_loop()).__module__.partition(".")[0]
         logger.info("listening on %s:%d%s (%s broker, %s loop)", cfg.host, self.port,
@@ -167,6 +175,33 @@ class Hub:
             await self.metrics_server.start_serving()
             logger.info("metrics and probes on http://%s:%d (/metrics, /healthz, /readyz)",
                         cfg.host, self.metrics_port)
+        if self.api is not None:
+            logger.info("HTTP API on http://%s:%d/api/ (%d keys)", cfg.api_host, self.api.port,
+                        len(cfg.api_key))
+
+    def _bind_api(self, reuse_port: bool) -> None:
+        """Build the ``--api-port`` server and bind its socket (it serves once the node has
+        started); on a bind error undo what :meth:`start` did so far and raise
+        :class:`ConfigError`."""
+        from . import __version__
+        from .api import ApiServer
+
+        cfg = self.config
+        assert cfg.api_port is not None
+        api = ApiServer(self.node, self.metrics, keys=cfg.api_key,
+                        max_body_bytes=cfg.api_max_body_bytes, version=__version__,
+                        shutdown_timeout=cfg.shutdown_timeout)
+        try:
+            api.bind(cfg.api_host, cfg.api_port, reuse_port=reuse_port)
+        except OSError as exc:
+            self.server.close()
+            if self.metrics_server is not None:
+                self.metrics_server.close()
+            raise address_error(cfg.api_host, cfg.api_port, exc, "--api-host") from None
+        self.api = api
+        if any(len(key.encode()) < 16 for key in cfg.api_key):
+            logger.warning("an --api-key is shorter than 16 characters; use long random keys "
+                           "(openssl rand -hex 32)")
 
     async def _serve_metrics(self, port: int, reuse_port: bool) -> Any:
         """The ``--metrics-port`` listener, bound but not serving: a websockets server
@@ -191,6 +226,11 @@ class Hub:
         return port
 
     @property
+    def api_port(self) -> int | None:
+        """The bound ``--api-port`` (useful with 0), or None without one."""
+        return None if self.api is None else int(self.api.port)
+
+    @property
     def port(self) -> int:
         port: int = self.server.sockets[0].getsockname()[1]
         return port
@@ -198,6 +238,14 @@ class Hub:
     async def stop(self) -> None:
         """The ordered shutdown of the module docstring. Never raises."""
         self.stopping = self.handshake.stopping = True
+        if self.api is not None:
+            try:
+                await asyncio.wait_for(self.api.stop(), self.config.shutdown_timeout + 1)
+                logger.info("HTTP API stopped")
+            except TimeoutError:
+                logger.warning("the HTTP API did not stop in time")
+            except Exception:  # stop() never raises: the WebSocket side must still close
+                logger.exception("the HTTP API failed to stop")
         self.server.close(close_connections=False)
         if self.metrics_server is not None:
             self.metrics_server.close()

@@ -98,13 +98,20 @@ def run_workers(config: Config) -> int:
 
     loop_runner(config.loop)  # likewise for a --loop that is not installed
     _check_bind(config.host, config.port, share_port=config.share_port)
+    if config.api_port is not None:  # the workers share it too (SO_REUSEPORT)
+        if config.api_port == 0:
+            raise ConfigError(f"--api-port 0 cannot be used with --workers {config.workers}: "
+                              "each worker would listen on a different ephemeral port")
+        _check_bind(config.api_host, config.api_port, share_port=config.share_port,
+                    flag="--api-port")
     return _Supervisor(config).run()
 
 
-def _check_bind(host: str, port: int, *, share_port: bool = False) -> None:
+def _check_bind(host: str, port: int, *, share_port: bool = False, flag: str = "--port"
+                ) -> None:
     """Fail early, with one clear :class:`ConfigError`, where every worker would fail to
     listen on ``host:port``, or would join processes already listening there (SO_REUSEPORT)
-    while ``share_port`` is False.
+    while ``share_port`` is False (``flag`` names the port's option in the message).
 
     Whether something listens is asked of the kernel with a bind, not a connect: a connect
     that succeeds only says that something answers (perhaps through a wildcard address or a
@@ -135,7 +142,7 @@ def _check_bind(host: str, port: int, *, share_port: bool = False) -> None:
                               "of another user or without SO_REUSEPORT)")
         if not share_port:
             raise ConfigError(f"processes already listen on {host}:{port} with SO_REUSEPORT "
-                              "(another hub?); stop them or choose another --port, or give "
+                              f"(another hub?); stop them or choose another {flag}, or give "
                               "--share-port to join them (a rolling restart)")
 
 

@@ -1,0 +1,212 @@
+"""The HTTP API's requests, sans-I/O: a JSON body in, a typed command out (or an ApiError).
+
+Every body is a JSON object (an empty body counts as ``{}``); an unknown field is refused
+(``bad_request``), so that a misspelt ``idempotency_key`` is never dropped silently. The
+field rules are those of the WebSocket commands (docs/protocol.md section 3): channel names
+of :func:`hub.protocol.check_channel`, ``limit`` 1 to 1000, ``since`` ``{offset, epoch}``,
+``idempotency_key`` 1 to 64 characters. ``data`` is any JSON value, serialised again by
+orjson (so an integer past 64 bits arrives as a float: send such numbers as strings).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from ..brokers.base import StreamPosition
+from ..exceptions import ProtocolError
+from ..protocol import MAX_EPOCH_LEN, MAX_HISTORY_LIMIT, MAX_IDEMPOTENCY_KEY_LEN, check_channel
+from .errors import ApiError
+
+__all__ = [
+    "MAX_BATCH_COMMANDS",
+    "MAX_BROADCAST_CHANNELS",
+    "METHODS",
+    "Batch",
+    "Broadcast",
+    "Command",
+    "History",
+    "Info",
+    "Publish",
+    "parse_body",
+    "parse_command",
+]
+
+#: Most channels of one broadcast.
+MAX_BROADCAST_CHANNELS = 100
+#: Most commands of one batch.
+MAX_BATCH_COMMANDS = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    channel: str
+    data: bytes  # the JSON text of the value
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Broadcast:
+    channels: tuple[str, ...]
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    channel: str
+    limit: int = 100
+    since: StreamPosition | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Info:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    commands: tuple[Publish | Broadcast | History | Info, ...]
+
+
+Command = Publish | Broadcast | History | Info | Batch
+
+
+def parse_body(body: bytes) -> dict[str, Any]:
+    """The JSON object of a request body (``{}`` for an empty one); ``bad_request`` else."""
+    if not body.strip():
+        return {}
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError("bad_request", f"invalid JSON: {exc.msg}") from None
+    if not isinstance(obj, dict):
+        raise ApiError("bad_request", "the body must be a JSON object")
+    return obj
+
+
+def parse_command(method: str, obj: Mapping[str, Any], *, max_payload_bytes: float
+                  ) -> Command:
+    """The command of endpoint ``method`` (``publish``, ``broadcast``, ``history``, ``info``,
+    ``batch``) for the body ``obj``. A ``data`` whose JSON is over ``max_payload_bytes`` is
+    ``too_large`` (the hub would deliver it to nobody). Raises :class:`ApiError`."""
+    if method == "batch":
+        return _batch(obj, max_payload_bytes)
+    parser = _PARSERS.get(method)
+    if parser is None:
+        raise ApiError("bad_request", f"unknown method {method[:32]!r}")
+    return parser(obj, max_payload_bytes)
+
+
+def _fields(obj: Mapping[str, Any], required: tuple[str, ...], optional: tuple[str, ...] = ()
+            ) -> None:
+    for name in required:
+        if name not in obj:
+            raise ApiError("bad_request", f"missing field {name!r}")
+    for name in obj:
+        if name not in required and name not in optional:
+            raise ApiError("bad_request", f"unknown field {str(name)[:32]!r}")
+
+
+def _channel(value: object) -> str:
+    try:
+        return check_channel(value)
+    except ProtocolError as exc:
+        raise ApiError(exc.code, exc.message) from None
+
+
+def _data(obj: Mapping[str, Any], limit: float) -> bytes:
+    try:
+        data = orjson.dumps(obj["data"])
+    except (TypeError, orjson.JSONEncodeError) as exc:  # not reachable from parsed JSON
+        raise ApiError("bad_request", f"data cannot be serialised: {exc}") from None
+    if len(data) > limit:
+        raise ApiError("too_large", f"data is {len(data)} bytes of JSON, over "
+                       f"--max-payload-bytes ({limit:g})")
+    return data
+
+
+def _publish(obj: Mapping[str, Any], limit: float) -> Publish:
+    _fields(obj, ("channel", "data"), ("idempotency_key",))
+    channel = _channel(obj["channel"])
+    key = obj.get("idempotency_key")
+    if key is not None and (not isinstance(key, str) or not key
+                            or len(key) > MAX_IDEMPOTENCY_KEY_LEN):
+        raise ApiError("bad_request", f"idempotency_key must be a string of 1 to "
+                       f"{MAX_IDEMPOTENCY_KEY_LEN} characters")
+    return Publish(channel, _data(obj, limit), key)
+
+
+def _broadcast(obj: Mapping[str, Any], limit: float) -> Broadcast:
+    _fields(obj, ("channels", "data"))
+    channels = obj["channels"]
+    if not isinstance(channels, list) or not 1 <= len(channels) <= MAX_BROADCAST_CHANNELS:
+        raise ApiError("bad_request", f"channels must be an array of 1 to "
+                       f"{MAX_BROADCAST_CHANNELS} channel names")
+    names = tuple(_channel(c) for c in channels)
+    if len(set(names)) != len(names):
+        raise ApiError("bad_request", "a channel is listed twice")
+    return Broadcast(names, _data(obj, limit))
+
+
+def _history(obj: Mapping[str, Any], limit: float) -> History:
+    _fields(obj, ("channel",), ("limit", "since"))
+    channel = _channel(obj["channel"])
+    count = obj.get("limit")
+    if count is None:
+        count = 100
+    elif (isinstance(count, bool) or not isinstance(count, int)
+          or not 1 <= count <= MAX_HISTORY_LIMIT):
+        raise ApiError("bad_request", f"limit must be an integer from 1 to {MAX_HISTORY_LIMIT}")
+    since = obj.get("since")
+    position = None
+    if since is not None:
+        offset = since.get("offset") if isinstance(since, dict) else None
+        epoch = since.get("epoch") if isinstance(since, dict) else None
+        if (not isinstance(since, dict) or set(since) - {"offset", "epoch"}
+                or isinstance(offset, bool) or not isinstance(offset, int) or offset < 0
+                or not isinstance(epoch, str) or not epoch or len(epoch) > MAX_EPOCH_LEN):
+            raise ApiError("bad_request", f"since must be an object with an integer offset "
+                           f">= 0 and an epoch string of 1 to {MAX_EPOCH_LEN} characters")
+        position = StreamPosition(offset, epoch)
+    return History(channel, count, position)
+
+
+def _info(obj: Mapping[str, Any], limit: float) -> Info:
+    _fields(obj, ())
+    return Info()
+
+
+_Simple = Publish | Broadcast | History | Info
+_PARSERS: dict[str, Callable[[Mapping[str, Any], float], _Simple]] = {
+    "publish": _publish, "broadcast": _broadcast, "history": _history, "info": _info}
+#: The methods a batch may hold (every endpoint but batch itself).
+METHODS = tuple(_PARSERS)
+
+
+def _batch(obj: Mapping[str, Any], limit: float) -> Batch:
+    _fields(obj, ("commands",))
+    commands = obj["commands"]
+    if not isinstance(commands, list) or not 1 <= len(commands) <= MAX_BATCH_COMMANDS:
+        raise ApiError("bad_request", f"commands must be an array of 1 to "
+                       f"{MAX_BATCH_COMMANDS} commands")
+    parsed: list[Publish | Broadcast | History | Info] = []
+    for index, item in enumerate(commands):
+        where = f"commands[{index}]"
+        if not isinstance(item, dict):
+            raise ApiError("bad_request", f"{where}: a command is an object "
+                           "{\"method\": ..., \"params\": {...}}")
+        try:
+            _fields(item, ("method",), ("params",))
+            method, params = item["method"], item.get("params", {})
+            if not isinstance(method, str) or method not in _PARSERS:
+                raise ApiError("bad_request", f"unknown method {str(method)[:32]!r}; one of "
+                               f"{', '.join(METHODS)}")
+            if not isinstance(params, dict):
+                raise ApiError("bad_request", "params must be an object")
+            parsed.append(_PARSERS[method](params, limit))
+        except ApiError as exc:
+            raise exc.prefixed(where) from None
+    return Batch(tuple(parsed))
