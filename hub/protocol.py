@@ -78,7 +78,8 @@ ERROR_CODES = {
     "bad_channel": "the channel is a string that does not match ^[A-Za-z0-9_.:@/-]{1,128}$ or "
                    "misspells a reserved prefix",
     "forbidden": "the connection may not subscribe or publish to this channel",
-    "limit_exceeded": "the connection already has --max-subscriptions subscriptions",
+    "limit_exceeded": "the connection already has --max-subscriptions subscriptions, or a "
+                      "publish's data is larger than --max-payload-bytes",
     "rate_limited": "more commands than --rate-limit allows; the command was dropped",
     "unavailable": "the broker (Redis) could not confirm the operation in time; retry",
     "no_history": "history, since, last or an idempotency_key on a channel whose namespace "

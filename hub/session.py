@@ -315,6 +315,10 @@ class Sessions:
                 return ack_frame(cid)
             case Publish(channel, data, cid, key):
                 self.rules.check_publish(channel, cid)
+                if len(data) > self.node.max_payload_bytes:
+                    raise ProtocolError("limit_exceeded", f"data is larger than "
+                                        f"--max-payload-bytes {self.node.max_payload_bytes:g}",
+                                        cid)
                 if key is not None and not self.node.keeps_history(channel):
                     raise ProtocolError("no_history", "idempotency_key needs a history "
                                         "channel", cid)

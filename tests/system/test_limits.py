@@ -267,3 +267,18 @@ async def test_healthz_answers_while_the_process_is_at_its_limits(hub_factory):
         wait_until(lambda: hub.http_get("/healthz")[0] == 200, 5, what="/healthz")
         assert hub.http_get("/readyz")[0] == 200
         assert hub.http_get("/metrics")[0] == 200
+
+
+async def test_client_publish_over_max_payload_bytes_is_refused_not_dropped(hub_factory):
+    """A client's publish whose data would be delivered to nobody (over --max-payload-bytes,
+    possible when --max-message-bytes is larger) gets limit_exceeded instead of an ack."""
+    hub = hub_factory("--max-message-bytes", "200000", "--client-publish", "big")
+    async with open_ws(hub.ws_url + "?user=a") as ws, open_ws(hub.ws_url) as other:
+        await send_recv(other, {"op": "subscribe", "channel": "big", "id": 0})
+        reply = await send_recv(ws, {"op": "publish", "channel": "big", "id": 7,
+                                     "data": "x" * 100_000})
+        assert (reply["type"], reply["code"], reply["id"]) == ("error", "limit_exceeded", 7)
+        reply = await send_recv(ws, {"op": "publish", "channel": "big", "id": 8,
+                                     "data": "x" * 60_000})
+        assert reply == {"type": "ack", "id": 8}
+        assert (await recv_json(other))["data"] == "x" * 60_000
