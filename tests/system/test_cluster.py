@@ -371,3 +371,45 @@ async def test_replica_takes_over_a_dead_master(replicated_cluster, hub_factory)
             assert cluster.spublish(channel, '"spared"') == 1
             await expect_message(c, channel, "spared")
         await no_message(c, 0.3)
+
+
+async def test_history_channels_on_a_cluster(cluster, hub_factory, tmp_path):
+    """History on a Redis Cluster: channels on every master, client publishes into history
+    (FCALL routed by the declared key, SPUBLISH of the history message in its slot),
+    deliveries with offsets on both hubs, and recovery with since."""
+    import json as json_
+
+    config = tmp_path / "hub.toml"
+    config.write_text('client_publish = ["chat:*"]\n\n[namespaces.chat]\n'
+                      'history_size = 100\nhistory_ttl = 600\n')
+    h1 = cluster_hub(hub_factory, cluster, "--config", str(config))
+    h2 = cluster_hub(hub_factory, cluster, "--config", str(config))
+    chats = [f"chat:c{i}" for i in range(6)]
+    spread(cluster, chats)
+    async with open_ws(h1.ws_url + "?user=a") as a, open_ws(h2.ws_url + "?user=b") as b:
+        epochs = {}
+        for i, channel in enumerate(chats):
+            for ws in (a, b):
+                await ws.send(json_.dumps({"op": "subscribe", "channel": channel, "id": i}))
+                ack = await recv_json(ws)
+                assert ack["type"] == "ack" and ack["offset"] == 0, ack
+                epochs[channel] = ack["epoch"]
+        for channel in chats:
+            for n in range(2):
+                await a.send(json_.dumps({"op": "publish", "channel": channel, "id": n,
+                                          "data": n}))
+        replies = [await recv_json(a) for _ in range(4 * len(chats))]
+        acks = [r for r in replies if r["type"] == "ack"]
+        assert sorted(r["offset"] for r in acks) == sorted([1, 2] * len(chats)), acks
+        got = [m for m in replies if m["type"] == "message"]
+        got += [await recv_json(b) for _ in range(2 * len(chats))]
+        for channel in chats:
+            mine = [m["offset"] for m in got if m["channel"] == channel]
+            assert sorted(mine) == [1, 1, 2, 2], (channel, mine)
+    async with open_ws(h2.ws_url + "?user=c") as c:
+        for i, channel in enumerate(chats):
+            await c.send(json_.dumps({"op": "subscribe", "channel": channel, "id": i,
+                                      "since": {"offset": 1, "epoch": epochs[channel]}}))
+            ack = await recv_json(c)
+            assert ack["recovered"] is True and ack["offset"] == 2, ack
+            assert (await recv_json(c))["offset"] == 2
