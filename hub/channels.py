@@ -69,11 +69,18 @@ class NamespaceOptions:
     configuration file, :mod:`hub.configfile`).
 
     ``history_size``: messages kept per channel (0: no history); ``history_ttl``: seconds the
-    history lives after the channel's last publish.
+    history lives after the channel's last publish. ``presence``: the hub keeps, per channel,
+    who is subscribed (the ``presence`` and ``presence_stats`` ops); ``join_leave``: the
+    subscribers also get a ``join``/``leave`` frame when a connection subscribes or leaves
+    (needs ``presence``); ``presence_ttl``: seconds an entry of a process that stopped
+    refreshing it (a dead process) lives (:mod:`hub.presences`).
     """
 
     history_size: int = 0
     history_ttl: float = 0.0
+    presence: bool = False
+    join_leave: bool = False
+    presence_ttl: float = 60.0
 
     @property
     def history(self) -> bool:
@@ -104,6 +111,20 @@ class ChannelRules:
     def keeps_history(self, channel: str) -> bool:
         """True when ``channel``'s namespace keeps a history."""
         return self.options(channel).history
+
+    def keeps_presence(self, channel: str) -> bool:
+        """True when ``channel``'s namespace keeps presence."""
+        return self.options(channel).presence
+
+    def join_leave(self, channel: str) -> bool:
+        """True when ``channel``'s subscribers get join and leave frames."""
+        options = self.options(channel)
+        return options.presence and options.join_leave
+
+    @property
+    def any_presence(self) -> bool:
+        """True when some channel may keep presence (a namespace or the defaults do)."""
+        return self.defaults.presence or any(o.presence for o in self.namespaces.values())
 
     @property
     def any_history(self) -> bool:

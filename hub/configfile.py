@@ -9,6 +9,9 @@ The file holds any option of ``hub serve`` under its Config name (``port = 8765`
     [namespaces.chat]     # channels chat:<anything>
     history_size = 100    # messages kept per channel; 0: no history
     history_ttl = 600     # seconds the history lives after the channel's last publish
+    presence = true       # who is subscribed: the presence and presence_stats ops
+    join_leave = true     # join/leave frames to the subscribers (needs presence)
+    presence_ttl = 60     # seconds the entries of a dead process live
 
 A namespace table inherits every key it does not set from ``[channels]``. Precedence of an
 option: flag > environment variable > file > default. docs/protocol.md section 7 is the
@@ -128,7 +131,24 @@ def _namespace(path: str, where: str, table: Any, base: NamespaceOptions) -> Nam
     if size > 0 and ttl <= 0:
         raise ConfigError(f"{path}: {where}.history_ttl: must be > 0 seconds when "
                           f"history_size is {size}")
-    return NamespaceOptions(history_size=size, history_ttl=float(ttl))
+    flags = {}
+    for key in ("presence", "join_leave"):
+        flag = values.get(key, getattr(base, key))
+        if not isinstance(flag, bool):
+            raise ConfigError(f"{path}: {where}.{key}: expected true or false, got "
+                              f"{_show(flag)}")
+        flags[key] = flag
+    presence_ttl = values.get("presence_ttl", base.presence_ttl)
+    if (isinstance(presence_ttl, bool) or not isinstance(presence_ttl, (int, float))
+            or not math.isfinite(presence_ttl) or not 3 <= presence_ttl <= 86400):
+        raise ConfigError(f"{path}: {where}.presence_ttl: expected a number of seconds from "
+                          f"3 to 86400, got {_show(presence_ttl)}")
+    if values.get("join_leave") is True and not flags["presence"]:
+        raise ConfigError(f"{path}: {where}.join_leave: needs presence = true")
+    # an inherited join_leave = true under presence = false is off
+    return NamespaceOptions(history_size=size, history_ttl=float(ttl), presence=flags["presence"],
+                            join_leave=flags["join_leave"] and flags["presence"],
+                            presence_ttl=float(presence_ttl))
 
 
 _KINDS = {str: "a string", int: "an integer", float: "a number"}

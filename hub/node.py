@@ -36,6 +36,8 @@ from .connection import HubConnection, close_or_abort, fan_out, send_text
 from .exceptions import BrokerUnavailable
 from .history.base import History
 from .metrics import Metrics
+from .presence.base import Presence
+from .presences import Presences, event_frame
 from .protocol import CLOSE_SLOW_CONSUMER, gap_frame, message_frame, payload_to_json
 from .registry import Registry
 from .streams import Catchup, Streams
@@ -66,7 +68,8 @@ class Node:
 
     def __init__(self, broker: Broker, metrics: Metrics | None = None, *,
                  max_payload_bytes: float = math.inf, max_lag: float = math.inf,
-                 history: History | None = None, rules: ChannelRules | None = None) -> None:
+                 history: History | None = None, rules: ChannelRules | None = None,
+                 presence: Presence | None = None) -> None:
         self.metrics = metrics or Metrics()
         self.registry: Registry[HubConnection] = Registry()
         self.broker = broker
@@ -75,6 +78,9 @@ class Node:
         #: The history channels (None without a history store): hub.streams.
         self.streams = (Streams(history, self.rules, self.registry, self.deliver, self.spawn,
                                 self.metrics) if history is not None else None)
+        #: The presence channels (None without a presence store): hub.presences.
+        self.presences = (Presences(presence, self.rules, self.registry, broker, self.spawn)
+                          if presence is not None else None)
         self.max_payload_bytes = max_payload_bytes
         self.max_lag = max_lag
         self._too_large = self.metrics.payloads_dropped.labels("too_large")
@@ -99,11 +105,23 @@ class Node:
         await self.broker.start()
         if self.history is not None:
             self.spawn(self.history.start())  # loads the Redis function library
+        if self.presences is not None:
+            self.presences.start()
+
+    async def leave_all(self) -> None:
+        """The ordered shutdown's first step: remove this process's presence entries and
+        announce their leaves (:meth:`hub.presences.Presences.stop`). Never raises."""
+        if self.presences is not None:
+            await self.presences.stop()
 
     async def stop(self) -> None:
+        if self.presences is not None:
+            await self.presences.stop()  # a no-op after leave_all
         await self.broker.stop()
         if self.history is not None:
             await self.history.close()
+        if self.presences is not None:
+            await self.presences.close()
         for task in list(self._tasks):
             task.cancel()
         if self._drop_flush is not None:
@@ -126,6 +144,9 @@ class Node:
         channel = publication.channel
         conns = self.registry.by_channel.get(channel)
         if not conns:
+            return
+        if publication.presence:
+            self._presence_event(publication, conns)
             return
         streams = self.streams
         if streams is not None and (publication.offset is not None
@@ -154,6 +175,19 @@ class Node:
         if not isinstance(conns, (set, list, tuple)):
             conns = list(conns)
         fan_out(conns, frame)
+        self.metrics.deliveries.inc(len(conns))
+
+    def _presence_event(self, publication: Publication, conns: set[HubConnection]) -> None:
+        """A join or leave event: its frame to the local subscribers of a join_leave
+        channel."""
+        if not self.rules.join_leave(publication.channel):
+            return
+        frame = event_frame(publication)
+        if frame is None:
+            logger.debug("not a presence event on %r: %r", publication.channel,
+                         publication.payload[:100])
+            return
+        fan_out(list(conns), frame)
         self.metrics.deliveries.inc(len(conns))
 
     def _drop_too_large(self, channel: str, size: int) -> None:
@@ -247,11 +281,18 @@ class Node:
         if streams is not None:
             for channel in channels:
                 streams.forget(conn, channel)
+        presences = self.presences
+        if presences is not None:
+            for channel in channels:
+                if presences.keeps_presence(channel):
+                    presences.leave(conn, channel)
         for channel in self.registry.remove_connection(conn, conn.user):
             self._emptied(channel)
 
-    async def subscribe(self, conn: HubConnection, channel: str) -> None:
-        """Subscribe ``conn``; return once the broker subscription is live.
+    async def subscribe(self, conn: HubConnection, channel: str, *, join: bool = True) -> None:
+        """Subscribe ``conn``; return once the broker subscription is live (and, on a presence
+        channel, once its presence entry is added, unless ``join`` is False: then call
+        :meth:`join` later; the join event follows in the background).
 
         Raises :class:`BrokerUnavailable` (and leaves ``conn`` unsubscribed) if the broker does
         not confirm within :data:`SUBSCRIBE_TIMEOUT` seconds.
@@ -259,16 +300,24 @@ class Node:
         self.registry.subscribe(conn, channel)
         # Fast path only when no sync of this channel is under way: an unsubscribe in flight
         # may still show the channel live and end it right after.
-        if channel not in self._locks and self.broker.is_live(channel):
-            return
-        try:
-            await self.sync(channel)
-        except BrokerUnavailable:
-            if self.streams is not None:
-                self.streams.forget(conn, channel)
-            if self.registry.unsubscribe(conn, channel):
-                self._emptied(channel)
-            raise
+        if channel in self._locks or not self.broker.is_live(channel):
+            try:
+                await self.sync(channel)
+            except BrokerUnavailable:
+                if self.streams is not None:
+                    self.streams.forget(conn, channel)
+                if self.registry.unsubscribe(conn, channel):
+                    self._emptied(channel)
+                raise
+        if join:
+            await self.join(conn, channel)
+
+    async def join(self, conn: HubConnection, channel: str) -> None:
+        """On a presence channel: add ``conn``'s entry (waited for) and announce the join
+        (:meth:`hub.presences.Presences.join`); nothing elsewhere. Never raises for Redis."""
+        presences = self.presences
+        if presences is not None and presences.keeps_presence(channel):
+            await presences.join(conn, channel)
 
     def keeps_history(self, channel: str) -> bool:
         """True when ``channel`` keeps a history (and this node has a history store)."""
@@ -286,20 +335,26 @@ class Node:
         assert streams is not None
         was = channel in (self.registry.channels_of.get(conn) or ())
         streams.hold(conn, channel)
-        await self.subscribe(conn, channel)
+        await self.subscribe(conn, channel, join=False)
         try:
             await streams.catch_up(conn, channel, since=since, last=last, ack=ack)
         except BrokerUnavailable:
             if not was:
                 self.unsubscribe(conn, channel)
             raise
+        await self.join(conn, channel)  # after the ack: the join frame never precedes it
 
     def unsubscribe(self, conn: HubConnection, channel: str) -> None:
-        """Unsubscribe ``conn``; the broker lets go of the channel in the background."""
+        """Unsubscribe ``conn``; the broker lets go of the channel in the background (and the
+        presence entry goes, with its leave event, after the join)."""
         if self.streams is not None:
             self.streams.forget(conn, channel)
+        subscribed = channel in (self.registry.channels_of.get(conn) or ())
         if self.registry.unsubscribe(conn, channel):
             self._emptied(channel)
+        presences = self.presences
+        if subscribed and presences is not None and presences.keeps_presence(channel):
+            presences.leave(conn, channel)
 
     def _emptied(self, channel: str) -> None:
         """``channel`` lost its last local subscriber."""

@@ -41,6 +41,8 @@ __all__ = [
     "Connect",
     "History",
     "Ping",
+    "Presence",
+    "PresenceStats",
     "Publish",
     "Refresh",
     "Subscribe",
@@ -53,18 +55,22 @@ __all__ = [
     "error_frame",
     "gap_frame",
     "history_frame",
+    "join_leave_frame",
     "message_frame",
     "parse_command",
     "parse_connect",
     "payload_to_json",
     "pong_frame",
     "position_ack_frame",
+    "presence_frame",
+    "presence_stats_frame",
     "stream_gap_frame",
 ]
 
 #: Valid channel names: 1 to 128 characters of letters, digits and ``_ . : @ / -``.
 CHANNEL_RE = re.compile(r"[A-Za-z0-9_.:@/-]{1,128}")
-OPS = ("connect", "subscribe", "unsubscribe", "publish", "ping", "refresh", "history")
+OPS = ("connect", "subscribe", "unsubscribe", "publish", "ping", "refresh", "history",
+       "presence", "presence_stats")
 
 #: Tokens longer than this many characters are refused (``connect`` here; the handshake and
 #: ``refresh`` in :func:`hub.auth.verify_token`). Re-exported as ``hub.auth.MAX_TOKEN_BYTES``.
@@ -84,6 +90,7 @@ ERROR_CODES = {
     "unavailable": "the broker (Redis) could not confirm the operation in time; retry",
     "no_history": "history, since, last or an idempotency_key on a channel whose namespace "
                   "keeps no history",
+    "no_presence": "presence or presence_stats on a channel whose namespace keeps no presence",
     "unauthorized": "the token of a refresh is missing, invalid, expired or for another user",
 }
 
@@ -155,6 +162,25 @@ class History:
 
 
 @dataclass(frozen=True, slots=True)
+class Presence:
+    """``{"op":"presence","channel":...}``: the connections subscribed to the channel."""
+
+    channel: str
+    id: CommandId = None
+    op: ClassVar[str] = "presence"
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceStats:
+    """``{"op":"presence_stats","channel":...}``: how many connections and distinct users
+    are subscribed to the channel."""
+
+    channel: str
+    id: CommandId = None
+    op: ClassVar[str] = "presence_stats"
+
+
+@dataclass(frozen=True, slots=True)
 class Unsubscribe:
     """``{"op":"unsubscribe","channel":...}``."""
 
@@ -204,7 +230,8 @@ class Refresh:
 
 #: One parsed client command: one frozen dataclass per op of :data:`OPS`; each has the
 #: client's ``id`` and its ``op`` name as a class attribute.
-Command = Subscribe | Unsubscribe | Publish | Ping | Connect | Refresh | History
+Command = (Subscribe | Unsubscribe | Publish | Ping | Connect | Refresh | History | Presence
+           | PresenceStats)
 
 
 def parse_command(frame: str | bytes) -> Command:
@@ -234,6 +261,10 @@ def parse_command(frame: str | bytes) -> Command:
                        _position(obj.get("since"), cid))
     if op == "unsubscribe":
         return Unsubscribe(check_channel(obj.get("channel"), cid), cid)
+    if op == "presence":
+        return Presence(check_channel(obj.get("channel"), cid), cid)
+    if op == "presence_stats":
+        return PresenceStats(check_channel(obj.get("channel"), cid), cid)
     if op == "publish":
         channel = check_channel(obj.get("channel"), cid)
         if "data" not in obj:
@@ -496,6 +527,27 @@ def stream_gap_frame(channel: str, first: int | None, last: int | None,
     ``from`` null: unknown); ``epoch`` is the channel's current epoch (null when unknown)."""
     return orjson.dumps({"type": "gap", "channels": [channel], "from": first, "to": last,
                          "epoch": epoch})
+
+
+def presence_frame(cid: object, channel: str, clients: list[tuple[str, str | None]]) -> bytes:
+    """``{"type":"presence","id":..,"channel":..,"clients":[{"client":..,"user":..},...]}``;
+    ``clients`` are ``(client id, user id or None)`` pairs."""
+    return orjson.dumps({"type": "presence", "id": cid, "channel": channel,
+                         "clients": [{"client": c, "user": u} for c, u in clients]})
+
+
+def presence_stats_frame(cid: object, channel: str, clients: int, users: int) -> bytes:
+    """``{"type":"presence_stats","id":..,"channel":..,"clients":N,"users":M}``."""
+    return orjson.dumps({"type": "presence_stats", "id": cid, "channel": channel,
+                         "clients": clients, "users": users})
+
+
+def join_leave_frame(kind: str, channel: str, client: str, user: str | None) -> bytes:
+    """``{"type":"join"|"leave","channel":..,"client":..,"user":..}``: a connection
+    subscribed to (``join``) or left (``leave``) a channel whose namespace has
+    ``join_leave``; ``user`` is null for an anonymous connection. Built once per event per
+    process."""
+    return orjson.dumps({"type": kind, "channel": channel, "client": client, "user": user})
 
 
 def ack_frame(cid: object) -> bytes:

@@ -11,8 +11,9 @@ server API (:mod:`hub.api`, aiohttp, docs/api.md), started after the node.
 
 Shutdown (SIGTERM or SIGINT), in order: the HTTP API stops listening and lets its requests
 in flight finish (at most ``--shutdown-timeout`` seconds); ``/readyz`` turns 503 and the
-listening socket closes;
-every connection gets close code 1001 (going away); connections that have not closed within
+listening socket closes; the process's presence entries are removed and their leaves
+announced; every connection gets close code 1001 (going away); connections that have not
+closed within
 ``--shutdown-timeout`` seconds are aborted; the broker link closes; the process exits 0.
 """
 
@@ -40,6 +41,7 @@ from .history import create_history
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .node import Node
 from .oslimits import AcceptErrors
+from .presence import create_presence
 from .protocol import CLOSE_GOING_AWAY
 from .session import Sessions
 
@@ -70,14 +72,20 @@ class Hub:
         keeps_history = rules.keeps_history
         broker = create_broker(config.redis_url, cluster=config.redis_cluster,
                                prefix=config.redis_prefix, probe_interval=config.probe_interval,
-                               probe_timeout=config.probe_timeout, history=keeps_history)
+                               probe_timeout=config.probe_timeout, history=keeps_history,
+                               presence=rules.join_leave)
         history = None
         if rules.any_history:
             history = create_history(config.redis_url, cluster=config.redis_cluster,
                                      prefix=config.redis_prefix, timeout=config.probe_timeout,
                                      on_publish=getattr(broker, "inject", None))
+        presence = None
+        if rules.any_presence:
+            presence = create_presence(config.redis_url, cluster=config.redis_cluster,
+                                       prefix=config.redis_prefix, timeout=config.probe_timeout)
         self.node = Node(broker, self.metrics, max_payload_bytes=config.max_payload_bytes,
-                         max_lag=config.max_lag, history=history, rules=rules)
+                         max_lag=config.max_lag, history=history, rules=rules,
+                         presence=presence)
         self.sessions = Sessions(self.node, rules, self.metrics,
                                  jwt_secret=config.jwt_secret,
                                  auth_timeout=config.auth_timeout,
@@ -249,6 +257,9 @@ class Hub:
         self.server.close(close_connections=False)
         if self.metrics_server is not None:
             self.metrics_server.close()
+        # presence first: the leaves of this process's connections go out while the broker
+        # still runs, instead of waiting for another process's sweep
+        await self.node.leave_all()
         conns = [*self.node.connections(), *self.sessions.pending]
         logger.info("shutting down: closing %d connections with 1001", len(conns))
         timeout = self.config.shutdown_timeout

@@ -36,6 +36,8 @@ from .protocol import (
     Connect,
     History,
     Ping,
+    Presence,
+    PresenceStats,
     Publish,
     Refresh,
     Subscribe,
@@ -49,6 +51,8 @@ from .protocol import (
     payload_to_json,
     pong_frame,
     position_ack_frame,
+    presence_frame,
+    presence_stats_frame,
 )
 
 __all__ = ["Sessions"]
@@ -309,6 +313,10 @@ class Sessions:
                 return await self._subscribe(conn, channel, cid, since, last)
             case History(channel, cid, limit, since):
                 return await self._history(conn, channel, cid, limit, since)
+            case Presence(channel, cid):
+                return await self._presence(conn, channel, cid, stats=False)
+            case PresenceStats(channel, cid):
+                return await self._presence(conn, channel, cid, stats=True)
             case Unsubscribe(channel, cid):
                 if not self.rules.is_implicit(conn.user, channel):
                     self.node.unsubscribe(conn, channel)
@@ -381,6 +389,23 @@ class Sessions:
         return history_frame(cid, channel, read.position.offset, read.position.epoch,
                              [(p.offset or 0, payload_to_json(p.payload))
                               for p in read.publications])
+
+    async def _presence(self, conn: HubConnection, channel: str, cid: CommandId, *,
+                        stats: bool) -> bytes:
+        """The ``presence`` or ``presence_stats`` reply: allowed where ``conn`` may
+        subscribe."""
+        self.rules.check_subscribe(conn.user, conn.private, channel, cid)
+        presences = self.node.presences
+        if presences is None or not presences.keeps_presence(channel):
+            raise ProtocolError("no_presence", "the channel keeps no presence", cid)
+        try:
+            if stats:
+                counts = await presences.stats(channel)
+                return presence_stats_frame(cid, channel, counts.clients, counts.users)
+            clients = await presences.clients(channel)
+        except Exception as exc:
+            raise ProtocolError("unavailable", f"presence unavailable: {exc}", cid) from None
+        return presence_frame(cid, channel, [(c.client, c.user) for c in clients])
 
     def _refresh(self, conn: HubConnection, token: str, cid: CommandId) -> bytes:
         secret = self.jwt_secret

@@ -50,7 +50,8 @@ def __getattr__(name: str) -> Any:
 
 def create_broker(urls: Sequence[str] = (), *, cluster: bool = False, prefix: str = "hub:",
                   probe_interval: float = 1.0, probe_timeout: float = 2.0,
-                  history: Callable[[str], bool] | None = None) -> Broker:
+                  history: Callable[[str], bool] | None = None,
+                  presence: Callable[[str], bool] | None = None) -> Broker:
     """An unbound broker for ``urls`` (redis-py URLs; ``redis://`` or ``rediss://`` for TLS).
 
     No URL: :class:`MemoryBroker`. One: :class:`RedisBroker`. Several: a
@@ -59,8 +60,9 @@ def create_broker(urls: Sequence[str] = (), *, cluster: bool = False, prefix: st
     channel prefix; ``probe_interval`` and ``probe_timeout`` are seconds (see
     :class:`RedisBroker`). ``history`` tells the channels that keep a history (their history
     messages are subscribed too, with offsets; the memory broker gets them from its
-    :class:`hub.history.MemoryHistory`). Raises :class:`ValueError` for ``cluster=True``
-    without exactly one URL.
+    :class:`hub.history.MemoryHistory`). ``presence`` tells the channels with join and leave
+    events (their presence channel is subscribed too). Raises :class:`ValueError` for
+    ``cluster=True`` without exactly one URL.
     """
     if cluster:
         if len(urls) != 1:
@@ -68,7 +70,8 @@ def create_broker(urls: Sequence[str] = (), *, cluster: bool = False, prefix: st
         from .cluster import ClusterBroker
 
         return ClusterBroker(urls[0], prefix=prefix, probe_interval=probe_interval,
-                             probe_timeout=probe_timeout, history=history)
+                             probe_timeout=probe_timeout, history=history,
+                             presence=presence)
     if not urls:
         from .memory import MemoryBroker
 
@@ -76,7 +79,8 @@ def create_broker(urls: Sequence[str] = (), *, cluster: bool = False, prefix: st
     from .redis import RedisBroker
 
     shards = [RedisBroker(url, prefix=prefix, probe_interval=probe_interval,
-                          probe_timeout=probe_timeout, history=history) for url in urls]
+                          probe_timeout=probe_timeout, history=history,
+                             presence=presence) for url in urls]
     if len(shards) == 1:
         return shards[0]
     from .sharded import ShardedBroker

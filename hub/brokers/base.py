@@ -31,14 +31,17 @@ class Publication:
 
     ``channel`` is the hub channel name; ``payload`` the raw bytes as published (the node checks
     nothing and decodes nothing of it). ``offset`` and ``epoch`` place the publication in the
-    channel's history stream (see :class:`StreamPosition`); None: the broker keeps no history,
-    which is the case of every broker today.
+    channel's history stream (see :class:`StreamPosition`); None: not a history publication.
+    ``presence``: True for a presence event of the channel (a join or a leave, received on
+    the channel's reserved presence channel, never on its ordinary one; the payload is the
+    event of docs/protocol.md section 6), not a message.
     """
 
     channel: str
     payload: bytes
     offset: int | None = None
     epoch: str | None = None
+    presence: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,3 +157,11 @@ class Broker(abc.ABC):
 
         Raises :class:`hub.exceptions.BrokerUnavailable` if the broker cannot take it.
         """
+
+    async def publish_presence(self, channel: str, payload: bytes) -> int:
+        """Publish the presence event ``payload`` (a join or a leave) of ``channel`` on its
+        reserved presence channel (Redis: ``{<prefix><channel>}:j``): the handlers of the
+        processes subscribed to ``channel`` get it as a :class:`Publication` with
+        ``presence=True``. Raises :class:`hub.exceptions.BrokerUnavailable` as
+        :meth:`publish` does (and :class:`NotImplementedError` for a broker without it)."""
+        raise NotImplementedError(f"{type(self).__name__} carries no presence events")

@@ -78,9 +78,11 @@ class ClusterBroker(Broker):
 
     def __init__(self, seed_url: str, *, prefix: str = "hub:", probe_interval: float = 1.0,
                  probe_timeout: float = 2.0,
-                 history: Callable[[str], bool] | None = None) -> None:
+                 history: Callable[[str], bool] | None = None,
+                 presence: Callable[[str], bool] | None = None) -> None:
         super().__init__()
         self.history = history
+        self.presence = presence
         self.seed_url = seed_url
         self.name = redact_url(seed_url)
         self.prefix = prefix.encode()
@@ -163,7 +165,7 @@ class ClusterBroker(Broker):
         if link is not None:
             await link.unsubscribe(channel)
 
-    async def publish(self, channel: str, payload: bytes) -> int:
+    async def publish(self, channel: str, payload: bytes, *, presence: bool = False) -> int:
         """``SPUBLISH <prefix><channel> <payload>`` on the master of the channel's slot
         (https://redis.io/docs/latest/commands/spublish/), following one ``MOVED``.
 
@@ -178,13 +180,18 @@ class ClusterBroker(Broker):
                 raise BrokerUnavailable(f"Redis Cluster {self.name}: no link to the master "
                                         f"of {channel!r} ({node or 'slot not covered'})")
             try:
-                return await link.publish(channel, payload)
+                return await link.publish(channel, payload, presence=presence)
             except AskError as exc:  # MovedError too: the slot has another owner
                 self.dirty.set()
                 node = f"{exc.host}:{exc.port}"
             except (RedisError, OSError, TimeoutError) as exc:
                 raise BrokerUnavailable(f"SPUBLISH to Redis {link.name} failed: {exc}") from None
         raise BrokerUnavailable(f"Redis Cluster {self.name}: {channel!r} moved twice")
+
+    async def publish_presence(self, channel: str, payload: bytes) -> int:
+        """``SPUBLISH {<prefix><channel>}:j <payload>`` (the slot of the channel's own key);
+        see :meth:`Broker.publish_presence`."""
+        return await self.publish(channel, payload, presence=True)
 
     # -- routing ---------------------------------------------------------------------------
 
@@ -319,7 +326,7 @@ class ClusterBroker(Broker):
             link = self.links[node] = PubSubLink(
                 node_url(self.seed_url, host, int(port)), self, prefix=self.prefix,
                 probe_interval=self.probe_interval, timeout=self.timeout, flavour=SHARDED,
-                history=self.history)
+                history=self.history, presence=self.presence)
             link.start(deliver)
         self.state_changed()
         for channel in list(self._want):

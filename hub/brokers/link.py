@@ -229,14 +229,18 @@ class PubSubLink:
     ``history`` tells the channels that keep a history: for those the link also subscribes
     their history channel ``{<prefix><channel>}:h`` (docs/protocol.md section 6), whose
     messages it hands over with their offset and epoch, and a channel is live once both of its
-    subscriptions are confirmed.
+    subscriptions are confirmed. ``presence`` tells the channels with join and leave events:
+    the link also subscribes their presence channel ``{<prefix><channel>}:j`` and hands its
+    messages over as publications with ``presence=True``.
     """
 
     def __init__(self, url: str, owner: LinkOwner, *, prefix: bytes, probe_interval: float,
                  timeout: float, flavour: Flavour = PUBSUB,
-                 history: Callable[[str], bool] | None = None) -> None:
+                 history: Callable[[str], bool] | None = None,
+                 presence: Callable[[str], bool] | None = None) -> None:
         self.url = url
         self.history = history or _no_history
+        self.presence = presence or _no_history
         self._confirmed: set[bytes] = set()  # Redis channels confirmed on this connection
         self.name = redact_url(url)
         self.prefix = prefix
@@ -305,16 +309,21 @@ class PubSubLink:
         return self.prefix + channel.encode()
 
     def keys(self, channel: str) -> list[bytes]:
-        """Every Redis channel the link subscribes for ``channel``: its own, and its history
-        channel ``{<prefix><channel>}:h`` when it keeps a history."""
+        """Every Redis channel the link subscribes for ``channel``: its own, its history
+        channel ``{<prefix><channel>}:h`` when it keeps a history, and its presence channel
+        ``{<prefix><channel>}:j`` when it has join and leave events."""
         key = self.prefix + channel.encode()
+        keys = [key]
         if self.history(channel):
-            return [key, b"{" + key + b"}:h"]
-        return [key]
+            keys.append(b"{" + key + b"}:h")
+        if self.presence(channel):
+            keys.append(b"{" + key + b"}:j")
+        return keys
 
     def _channel_of(self, name: bytes) -> str:
-        """The hub channel of Redis channel ``name`` (its own or its history channel)."""
-        if name.startswith(b"{") and name.endswith(b"}:h"):
+        """The hub channel of Redis channel ``name`` (its own, its history or its presence
+        channel)."""
+        if name.startswith(b"{") and (name.endswith(b"}:h") or name.endswith(b"}:j")):
             name = name[1:-3]
         return name[len(self.prefix):].decode(errors="replace")
 
@@ -346,8 +355,9 @@ class PubSubLink:
         self._confirmed.difference_update(keys)
         await self._send(self.flavour.unsubscribe, *keys)
 
-    async def publish(self, channel: str, payload: bytes) -> int:
-        """(S)PUBLISH ``payload`` on the command connection within :attr:`timeout` seconds;
+    async def publish(self, channel: str, payload: bytes, *, presence: bool = False) -> int:
+        """(S)PUBLISH ``payload`` on the command connection within :attr:`timeout` seconds
+        (to the channel's presence channel ``{<prefix><channel>}:j`` with ``presence``);
         return Redis's reply (the number of subscribed connections).
 
         Raises :class:`ConnectionError` if the link is not ready, and what redis-py raises
@@ -357,7 +367,10 @@ class PubSubLink:
         if client is None or not self._ready:
             raise ConnectionError(f"Redis {self.name} is not connected")
         command = getattr(client, self.flavour.publish)
-        return int(await asyncio.wait_for(command(self.key(channel), payload), self.timeout))
+        key = self.key(channel)
+        if presence:
+            key = b"{" + key + b"}:j"
+        return int(await asyncio.wait_for(command(key, payload), self.timeout))
 
     async def _send(self, command: str, *keys: bytes) -> None:
         """Send (S)SUBSCRIBE/(S)UNSUBSCRIBE on the current connection, if any; a failure is
@@ -484,7 +497,12 @@ class PubSubLink:
                     self._probe_returned(int(msg["data"]))
                     continue
                 try:
-                    if name[:1] == b"{":
+                    if name[:1] == b"{" and name[-3:] == b"}:j":
+                        channel = name[1 + plen:-3]
+                        if name[1:1 + plen] != self.prefix or not channel or b"}" in channel:
+                            continue
+                        deliver(Publication(channel.decode(), msg["data"], presence=True))
+                    elif name[:1] == b"{":
                         try:
                             publication = parse_history_message(name, msg["data"],
                                                                 prefix=prefix)

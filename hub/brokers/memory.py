@@ -53,6 +53,13 @@ class MemoryBroker(Broker):
         self._loop.call_soon(self._deliver, Publication(channel, payload))
         return 1
 
+    async def publish_presence(self, channel: str, payload: bytes) -> int:
+        if channel not in self._subscribed:
+            return 0
+        assert self._loop is not None, "start() first"
+        self._loop.call_soon(self._deliver, Publication(channel, payload, presence=True))
+        return 1
+
     def inject(self, publication: Publication) -> None:
         """Deliver ``publication`` (a history publication with its offset, from
         :class:`hub.history.MemoryHistory`'s ``on_publish``) as a publish would: on the next

@@ -35,16 +35,18 @@ class RedisBroker(Broker):
     probes and ``probe_timeout`` the seconds a probe, a connect or a command may take. The
     probe channel is ``<prefix>$probe:<random id>``, which no client can name since ``$`` is
     not a channel character. ``history`` tells the channels that keep a history: the link
-    also subscribes their history channel (:class:`PubSubLink`).
+    also subscribes their history channel (:class:`PubSubLink`); ``presence`` those with join
+    and leave events: their presence channel ``{<prefix><channel>}:j`` too.
     """
 
     def __init__(self, url: str, *, prefix: str = "hub:", probe_interval: float = 1.0,
                  probe_timeout: float = 2.0,
-                 history: Callable[[str], bool] | None = None) -> None:
+                 history: Callable[[str], bool] | None = None,
+                 presence: Callable[[str], bool] | None = None) -> None:
         super().__init__()
         self._link = PubSubLink(url, self, prefix=prefix.encode(),
                                 probe_interval=probe_interval, timeout=probe_timeout,
-                                history=history)
+                                history=history, presence=presence)
         self.name = self._link.name
         self._probe_channel = prefix.encode() + b"$probe:" + uuid.uuid4().hex.encode()
         self._want: set[str] = set()
@@ -109,6 +111,15 @@ class RedisBroker(Broker):
             raise BrokerUnavailable(f"Redis {self.name} is not connected")
         try:
             return await self._link.publish(channel, payload)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"PUBLISH to Redis {self.name} failed: {exc}") from None
+
+    async def publish_presence(self, channel: str, payload: bytes) -> int:
+        """``PUBLISH {<prefix><channel>}:j <payload>``; see :meth:`Broker.publish_presence`."""
+        if not self._link.ready:
+            raise BrokerUnavailable(f"Redis {self.name} is not connected")
+        try:
+            return await self._link.publish(channel, payload, presence=True)
         except (RedisError, OSError, TimeoutError) as exc:
             raise BrokerUnavailable(f"PUBLISH to Redis {self.name} failed: {exc}") from None
 

@@ -77,6 +77,9 @@ class ShardedBroker(Broker):
     async def publish(self, channel: str, payload: bytes) -> int:
         return await self._shard(channel).publish(channel, payload)
 
+    async def publish_presence(self, channel: str, payload: bytes) -> int:
+        return await self._shard(channel).publish_presence(channel, payload)
+
 
 class _Relay:
     """The handler of every shard of one :class:`ShardedBroker`.

@@ -13,6 +13,7 @@ docs/presence-format.md is the Redis contract and says how the node uses it.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from .base import ClientInfo, Presence, PresenceStats, pack_info, unpack_info
@@ -20,6 +21,7 @@ from .base import ClientInfo, Presence, PresenceStats, pack_info, unpack_info
 if TYPE_CHECKING:
     from .memory import MemoryPresence
     from .redis import RedisPresence, index_key, registry_key
+    from .sharded import ShardedPresence
 
 __all__ = [
     "ClientInfo",
@@ -27,6 +29,8 @@ __all__ = [
     "Presence",
     "PresenceStats",
     "RedisPresence",
+    "ShardedPresence",
+    "create_presence",
     "index_key",
     "pack_info",
     "registry_key",
@@ -34,7 +38,7 @@ __all__ = [
 ]
 
 _LAZY = {"MemoryPresence": "memory", "RedisPresence": "redis", "index_key": "redis",
-         "registry_key": "redis"}
+         "registry_key": "redis", "ShardedPresence": "sharded"}
 
 
 def __getattr__(name: str) -> Any:
@@ -42,3 +46,43 @@ def __getattr__(name: str) -> Any:
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return getattr(importlib.import_module(f".{module}", __name__), name)
+
+
+def create_presence(urls: Sequence[str] = (), *, cluster: bool = False, prefix: str = "hub:",
+                    timeout: float = 2.0) -> Presence:
+    """The presence store matching :func:`hub.brokers.create_broker` for the same ``urls``.
+
+    No URL: a :class:`MemoryPresence` (the embedded broker: one process). One URL: a
+    :class:`RedisPresence` on its own client. Several: a :class:`ShardedPresence` of one per
+    URL, in that order (a channel on its :func:`hub.sharding.shard_index`). ``cluster=True``:
+    one store on a Redis Cluster client (the one URL is a seed node). Every Redis client has
+    ``timeout`` seconds per command and no automatic retries (a ``remove`` or an ``expire``
+    is never sent twice); the store closes the clients it built (:meth:`Presence.close`).
+    """
+    if not urls:
+        from .memory import MemoryPresence
+
+        return MemoryPresence()
+    import redis.asyncio as aioredis
+    from redis.asyncio.cluster import RedisCluster
+
+    from .redis import RedisPresence
+
+    class _Owned(RedisPresence):
+        async def close(self) -> None:
+            await self.client.aclose()
+
+    if cluster:
+        return _Owned(RedisCluster.from_url(urls[0], socket_timeout=timeout,
+                                            socket_connect_timeout=timeout, retry=None,
+                                            cluster_error_retry_attempts=0), prefix=prefix)
+    stores: list[Presence] = [
+        _Owned(aioredis.Redis.from_url(url, socket_timeout=timeout,
+                                       socket_connect_timeout=timeout, retry=None),
+               prefix=prefix)
+        for url in urls]
+    if len(stores) == 1:
+        return stores[0]
+    from .sharded import ShardedPresence
+
+    return ShardedPresence(stores)

@@ -101,12 +101,49 @@ def test_precedence_flag_over_environment_over_file_over_default(tmp_path):
     ('[namespaces."a:b"]\nhistory_size = 0', r"namespaces\.a:b: a namespace name is"),
     ("[channels]\nhistory_ttl = -5", r"hub\.toml: channels\.history_ttl: expected a number"),
     ("channels = 1", r"hub\.toml: channels: expected a table"),
+    ("[namespaces.chat]\npresence = 1", r"hub\.toml: namespaces\.chat\.presence: expected "
+                                        r"true or false, got 1"),
+    ('[channels]\njoin_leave = "yes"', r"hub\.toml: channels\.join_leave: expected true or "
+                                       r"false, got 'yes'"),
+    ("[namespaces.chat]\njoin_leave = true", r"hub\.toml: namespaces\.chat\.join_leave: needs "
+                                             r"presence = true"),
+    ("[namespaces.chat]\npresence = true\npresence_ttl = 1",
+     r"hub\.toml: namespaces\.chat\.presence_ttl: expected a number of seconds from 3 to "
+     r"86400, got 1"),
+    ('[namespaces.chat]\npresence_ttl = "1m"', r"namespaces\.chat\.presence_ttl: expected a "
+                                              r"number of seconds"),
 ])
 def test_every_mistake_names_the_file_and_the_key(tmp_path, text, expected):
     path = write(tmp_path, text + "\n")
     with pytest.raises(ConfigError, match=expected) as info:
         load(path)
     assert str(info.value).startswith(path) or "hub.toml" in str(info.value)
+
+
+def test_presence_options_and_their_inheritance(tmp_path):
+    path = write(tmp_path, """
+        [channels]
+        presence = true
+        join_leave = true
+        presence_ttl = 30
+
+        [namespaces.chat]
+
+        [namespaces.big]
+        join_leave = false
+
+        [namespaces.quiet]
+        presence = false
+        """)
+    config = load(path)
+    assert config.channels == NamespaceOptions(presence=True, join_leave=True, presence_ttl=30.0)
+    namespaces = dict(config.namespaces)
+    chat, big, quiet = (namespaces[n] for n in ("chat", "big", "quiet"))
+    assert (chat.presence, chat.join_leave, chat.presence_ttl) == (True, True, 30.0)
+    assert (big.presence, big.join_leave) == (True, False)
+    assert (quiet.presence, quiet.join_leave) == (False, False)  # the inherited one is off
+    assert NamespaceOptions().presence_ttl == 60.0
+    assert isinstance(chat.presence_ttl, float)
 
 
 def test_an_unreadable_or_non_utf8_file(tmp_path):

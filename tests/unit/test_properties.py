@@ -27,6 +27,8 @@ from hub.protocol import (
     Connect,
     History,
     Ping,
+    Presence,
+    PresenceStats,
     Publish,
     Refresh,
     Subscribe,
@@ -94,8 +96,9 @@ def assert_documented_error(exc: ProtocolError) -> None:
 
 def assert_well_formed(cmd: Command) -> None:
     assert cmd.op in OPS
-    assert isinstance(cmd, (Subscribe, Unsubscribe, Publish, Ping, Connect, Refresh, History))
-    if isinstance(cmd, (Subscribe, Unsubscribe, Publish, History)):
+    assert isinstance(cmd, (Subscribe, Unsubscribe, Publish, Ping, Connect, Refresh, History,
+                            Presence, PresenceStats))
+    if isinstance(cmd, (Subscribe, Unsubscribe, Publish, History, Presence, PresenceStats)):
         assert cmd.channel is not None and CHANNEL_RE.fullmatch(cmd.channel)
     if isinstance(cmd, Publish):
         assert cmd.data is not None

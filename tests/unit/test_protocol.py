@@ -101,3 +101,35 @@ def test_frames():
     assert json.loads(error_frame("forbidden", "no", 3)) == {
         "type": "error", "id": 3, "code": "forbidden", "message": "no"}
     assert json.loads(gap_frame(["b", "a"])) == {"type": "gap", "channels": ["a", "b"]}
+
+
+def test_presence_ops_frames_and_events():
+    from hub.brokers.base import Publication
+    from hub.presence.base import ClientInfo
+    from hub.presences import event_frame, event_payload
+    from hub.protocol import (
+        Presence,
+        PresenceStats,
+        join_leave_frame,
+        presence_frame,
+        presence_stats_frame,
+    )
+
+    assert parse_command('{"op":"presence","channel":"chat:r","id":1}') == Presence("chat:r", 1)
+    assert parse_command('{"op":"presence_stats","channel":"chat:r"}') == PresenceStats("chat:r")
+    with pytest.raises(ProtocolError) as info:
+        parse_command('{"op":"presence","id":2}')
+    assert (info.value.code, info.value.id) == ("bad_request", 2)
+    assert orjson.loads(presence_frame(1, "c", [("x", "alice"), ("y", None)])) == {
+        "type": "presence", "id": 1, "channel": "c",
+        "clients": [{"client": "x", "user": "alice"}, {"client": "y", "user": None}]}
+    assert orjson.loads(presence_stats_frame(2, "c", 3, 2)) == {
+        "type": "presence_stats", "id": 2, "channel": "c", "clients": 3, "users": 2}
+    assert orjson.loads(join_leave_frame("leave", "c", "x", None)) == {
+        "type": "leave", "channel": "c", "client": "x", "user": None}
+    payload = event_payload("join", ClientInfo("x", "alice"))
+    assert orjson.loads(event_frame(Publication("c", payload, presence=True)) or b"") == {
+        "type": "join", "channel": "c", "client": "x", "user": "alice"}
+    for bad in (b"nope", b"[]", b'{"event":"hello","client":"x"}', b'{"event":"join"}',
+                b'{"event":"join","client":"x","user":5}'):
+        assert event_frame(Publication("c", bad, presence=True)) is None
