@@ -297,6 +297,8 @@ class Node:
         Raises :class:`BrokerUnavailable` (and leaves ``conn`` unsubscribed) if the broker does
         not confirm within :data:`SUBSCRIBE_TIMEOUT` seconds.
         """
+        if self.streams is not None and self.streams.keeps_history(channel):
+            self.streams.opened(channel)  # a history channel's state, before any delivery
         self.registry.subscribe(conn, channel)
         # Fast path only when no sync of this channel is under way: an unsubscribe in flight
         # may still show the channel live and end it right after.

@@ -136,7 +136,12 @@ class Streams:
         except Exception as exc:  # Redis down: deliver what comes, unchecked, until a repair
             logger.warning("history position of %r unavailable: %s", stream.channel, exc)
         else:
-            stream.epoch, stream.last = position.epoch, position.offset
+            # What arrived while the position was read was delivered to nobody yet, even if
+            # the position already counts it: start just before the first of them.
+            held = [p.offset for p in stream.held
+                    if p.offset is not None and p.epoch == position.epoch]
+            stream.epoch = position.epoch
+            stream.last = min([position.offset, *(o - 1 for o in held)])
         self._settle(stream)
 
     def _settle(self, stream: _Stream) -> None:

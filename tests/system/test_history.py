@@ -583,3 +583,17 @@ async def test_redis_sigkill_under_load_with_appendfsync_everysec(tmp_path, redi
         assert any(frames.index(g) < frames.index(messages_[i]) for g in gaps), (i, offsets[i])
     print(f"\neverysec + SIGKILL: {len(offsets)} delivered, {len(gaps)} gap frames, "
           f"{len(drops)} epoch restarts")
+
+
+async def test_the_implicit_personal_subscription_delivers_history_messages(tmp_path,
+                                                                            redis_server,
+                                                                            hub_factory):
+    """With [namespaces.user] history, a connection that never subscribes explicitly still
+    gets its personal channel's messages live, with their offsets."""
+    hub = hub_factory("--config", config_file(tmp_path), redis=redis_server)
+    async with open_ws(hub.ws_url + "?user=bob") as ws:
+        # at once: the personal channel's position may still be being read
+        offset, _ = fcall(redis_server, "user:bob", {"hello": 1}, size=100)
+        got = await recv_json(ws)
+        assert (got["channel"], got["offset"], got["data"]) == ("user:bob", offset,
+                                                               {"hello": 1})
