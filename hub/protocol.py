@@ -65,6 +65,7 @@ __all__ = [
     "presence_frame",
     "presence_stats_frame",
     "stream_gap_frame",
+    "unsubscribed_frame",
 ]
 
 #: Valid channel names: 1 to 128 characters of letters, digits and ``_ . : @ / -``.
@@ -518,6 +519,13 @@ def history_frame(cid: object, channel: str, offset: int, epoch: str,
                          "epoch": epoch})
     items = b",".join(b'{"offset":%d,"data":%s}' % (o, data) for o, data in messages)
     return head[:-1] + b',"messages":[' + items + b"]}"
+
+
+def unsubscribed_frame(channel: str, reason: str) -> bytes:
+    """``{"type":"unsubscribed","channel":...,"reason":...}``: the server ended the
+    connection's subscription to ``channel`` (``reason`` ``revoked``: a refreshed token no
+    longer grants the private channel)."""
+    return orjson.dumps({"type": "unsubscribed", "channel": channel, "reason": reason})
 
 
 def stream_gap_frame(channel: str, first: int | None, last: int | None,

@@ -53,6 +53,7 @@ from .protocol import (
     position_ack_frame,
     presence_frame,
     presence_stats_frame,
+    unsubscribed_frame,
 )
 
 __all__ = ["Sessions"]
@@ -171,7 +172,11 @@ class Sessions:
                 # An idle connection waits in the loop; hold nothing of the last command
                 # while it does (orjson's reply buffers are large: docs/benchmarks.md).
                 del frame
-                if reply is not None:
+                if isinstance(reply, list):  # a reply and the frames that follow it
+                    for item in reply:
+                        await conn.send(item, text=True)
+                    del reply
+                elif reply is not None:
                     await conn.send(reply, text=True)
                     del reply
         except ConnectionClosed:
@@ -273,7 +278,8 @@ class Sessions:
             return None
         return False
 
-    async def _command(self, conn: HubConnection, frame: str | bytes) -> bytes | None:
+    async def _command(self, conn: HubConnection, frame: str | bytes
+                       ) -> bytes | list[bytes] | None:
         """Run one client frame; return the reply frame (None: the connection is closed)."""
         allowed = self._allow(conn)
         if not allowed:
@@ -305,7 +311,7 @@ class Sessions:
         self.metrics.errors.labels(exc.code).inc()
         return error_frame(exc.code, exc.message, exc.id)
 
-    async def _run(self, conn: HubConnection, cmd: Command) -> bytes | None:
+    async def _run(self, conn: HubConnection, cmd: Command) -> bytes | list[bytes] | None:
         """The reply to ``cmd`` (None: already written, as the ack of a subscribe to a history
         channel is); raises :class:`ProtocolError` for an error reply."""
         match cmd:
@@ -407,7 +413,7 @@ class Sessions:
             raise ProtocolError("unavailable", f"presence unavailable: {exc}", cid) from None
         return presence_frame(cid, channel, [(c.client, c.user) for c in clients])
 
-    def _refresh(self, conn: HubConnection, token: str, cid: CommandId) -> bytes:
+    def _refresh(self, conn: HubConnection, token: str, cid: CommandId) -> list[bytes]:
         secret = self.jwt_secret
         if secret is None:
             raise ProtocolError("bad_request", "authentication is off; nothing to refresh", cid)
@@ -418,7 +424,10 @@ class Sessions:
         if identity.user != conn.user:
             raise ProtocolError("forbidden", "the token is for another user", cid)
         self.authorize(conn, identity)
-        # The new token's channels claim applies from now: drop private channels it revokes.
+        # The new token's channels claim applies from now: drop private channels it revokes,
+        # and say so after the ack (a subscription never goes quiet without a word).
+        frames = [ack_frame(cid)]
         for channel in self.rules.revoked(self.node.channels_of(conn) or (), conn.private):
             self.node.unsubscribe(conn, channel)
-        return ack_frame(cid)
+            frames.append(unsubscribed_frame(channel, "revoked"))
+        return frames

@@ -516,6 +516,9 @@ async def test_refresh_with_fewer_channels_revokes_private_subscriptions(redis_s
         narrow = make_token(SECRET, "alice", channels=["private:team-b"])
         assert await send_recv(ws, {"op": "refresh", "token": narrow, "id": 2}) == {
             "type": "ack", "id": 2}
+        # the connection is told (issue 13: a subscription never goes quiet without a word)
+        assert await recv_json(ws) == {"type": "unsubscribed", "channel": "private:team-a",
+                                       "reason": "revoked"}
         reply = await subscribe_reply(ws, "private:team-a", cid=3)
         assert (reply["type"], reply["code"]) == ("error", "forbidden"), reply
         redis = redis_server.client()
