@@ -31,6 +31,9 @@ from ..brokers.base import StreamPosition
 from ..exceptions import BrokerUnavailable
 from ..metrics import Metrics
 from ..node import Node
+from ..presence.base import ClientInfo
+from ..presence.base import PresenceStats as PresenceStats_
+from ..presences import Presences
 from ..protocol import payload_to_json
 from .commands import (
     Batch,
@@ -38,6 +41,8 @@ from .commands import (
     Command,
     History,
     Info,
+    Presence,
+    PresenceStats,
     Publish,
     parse_body,
     parse_command,
@@ -49,7 +54,7 @@ __all__ = ["ENDPOINTS", "OPENAPI", "ApiServer"]
 logger = logging.getLogger("hub.api")
 
 #: The POST endpoints, each ``/api/<name>``.
-ENDPOINTS = ("publish", "broadcast", "history", "batch", "info")
+ENDPOINTS = ("publish", "broadcast", "history", "presence", "presence_stats", "batch", "info")
 #: The OpenAPI document as served (the package's copy of docs/openapi.json).
 OPENAPI: bytes = importlib.resources.files(__package__).joinpath("openapi.json").read_bytes()
 
@@ -249,6 +254,12 @@ class ApiServer:
                 return await self._broadcast(channels, data)
             case History(channel, limit, since):
                 return await self._history(channel, limit, since)
+            case Presence(channel):
+                clients = await self._presence(channel).clients(channel)
+                return {"clients": [{"client": c.client, "user": c.user} for c in clients]}
+            case PresenceStats(channel):
+                stats = await self._presence(channel).stats(channel)
+                return {"clients": stats.clients, "users": stats.users}
             case Info():
                 return self._info()
             case Batch(commands):
@@ -284,6 +295,13 @@ class ApiServer:
             raise ApiError("unavailable", f"no channel took the message: "
                            f"{results[0]['error']['message']}")
         return {"results": results}
+
+    def _presence(self, channel: str) -> _PresenceReader:
+        """The reader of ``channel``'s presence; ApiError ``no_presence`` without one."""
+        presences = self.node.presences
+        if presences is None or not presences.keeps_presence(channel):
+            raise ApiError("no_presence", "the channel keeps no presence")
+        return _PresenceReader(presences)
 
     async def _history(self, channel: str, limit: int, since: StreamPosition | None
                        ) -> dict[str, Any]:
@@ -325,3 +343,22 @@ def _from_http(exc: web.HTTPException) -> ApiError:
     if 400 <= exc.status < 500:
         return ApiError("bad_request", exc.reason or "bad request")
     return ApiError("internal", exc.reason or "internal error")
+
+
+class _PresenceReader:
+    """Presence reads for the API: a store error is ``unavailable``."""
+
+    def __init__(self, presences: Presences) -> None:
+        self.presences = presences
+
+    async def clients(self, channel: str) -> list[ClientInfo]:
+        try:
+            return await self.presences.clients(channel)
+        except Exception as exc:
+            raise ApiError("unavailable", f"presence unavailable: {exc}") from None
+
+    async def stats(self, channel: str) -> PresenceStats_:
+        try:
+            return await self.presences.stats(channel)
+        except Exception as exc:
+            raise ApiError("unavailable", f"presence unavailable: {exc}") from None

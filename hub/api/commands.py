@@ -30,6 +30,8 @@ __all__ = [
     "Command",
     "History",
     "Info",
+    "Presence",
+    "PresenceStats",
     "Publish",
     "parse_body",
     "parse_command",
@@ -68,10 +70,7 @@ class Info:
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    commands: tuple[Publish | Broadcast | History | Info, ...]
-
-
-Command = Publish | Broadcast | History | Info | Batch
+    commands: tuple[_Simple, ...]
 
 
 def parse_body(body: bytes) -> dict[str, Any]:
@@ -174,14 +173,37 @@ def _history(obj: Mapping[str, Any], limit: float) -> History:
     return History(channel, count, position)
 
 
+@dataclass(frozen=True, slots=True)
+class Presence:
+    channel: str
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceStats:
+    channel: str
+
+
+def _presence(obj: Mapping[str, Any], limit: float) -> Presence:
+    _fields(obj, ("channel",))
+    return Presence(_channel(obj["channel"]))
+
+
+def _presence_stats(obj: Mapping[str, Any], limit: float) -> PresenceStats:
+    _fields(obj, ("channel",))
+    return PresenceStats(_channel(obj["channel"]))
+
+
 def _info(obj: Mapping[str, Any], limit: float) -> Info:
     _fields(obj, ())
     return Info()
 
 
-_Simple = Publish | Broadcast | History | Info
+_Simple = Publish | Broadcast | History | Presence | PresenceStats | Info
+#: One API command: what an endpoint (or one entry of a batch) asks for.
+Command = _Simple | Batch
 _PARSERS: dict[str, Callable[[Mapping[str, Any], float], _Simple]] = {
-    "publish": _publish, "broadcast": _broadcast, "history": _history, "info": _info}
+    "publish": _publish, "broadcast": _broadcast, "history": _history, "presence": _presence,
+    "presence_stats": _presence_stats, "info": _info}
 #: The methods a batch may hold (every endpoint but batch itself).
 METHODS = tuple(_PARSERS)
 
@@ -192,7 +214,7 @@ def _batch(obj: Mapping[str, Any], limit: float) -> Batch:
     if not isinstance(commands, list) or not 1 <= len(commands) <= MAX_BATCH_COMMANDS:
         raise ApiError("bad_request", f"commands must be an array of 1 to "
                        f"{MAX_BATCH_COMMANDS} commands")
-    parsed: list[Publish | Broadcast | History | Info] = []
+    parsed: list[_Simple] = []
     for index, item in enumerate(commands):
         where = f"commands[{index}]"
         if not isinstance(item, dict):

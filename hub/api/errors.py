@@ -21,6 +21,8 @@ API_ERRORS: dict[str, tuple[int, str]] = {
                          "misspells a reserved prefix"),
     "no_history": (400, "history, since or an idempotency_key on a channel whose namespace "
                         "keeps no history"),
+    "no_presence": (400, "presence or presence_stats on a channel whose namespace keeps no "
+                         "presence"),
     "unauthorized": (401, "no Authorization: Bearer header, or a key that is not one of "
                           "--api-key"),
     "not_found": (404, "no such path"),

@@ -391,3 +391,33 @@ def test_schemathesis_against_the_real_hub(tmp_path, hub_factory, redis_server):
     assert set(ran) == {f"{m.upper()} {p}" for p, item in json.loads(
         (ROOT / "docs" / "openapi.json").read_text())["paths"].items() for m in item}
     assert hub.proc.poll() is None
+
+
+async def test_presence_and_presence_stats(tmp_path, hub_factory, redis_server):
+    """``/api/presence`` and ``/api/presence_stats`` see the subscribers of every process;
+    a channel without presence is 400 no_presence."""
+    config = tmp_path / "presence.toml"
+    config.write_text("[namespaces.room]\npresence = true\n")
+    port = free_port()
+    api = hub_factory("--api-port", str(port), "--api-key", KEY, "--config", str(config),
+                      redis=redis_server)
+    api.api = f"http://127.0.0.1:{port}"
+    other = hub_factory("--config", str(config), redis=redis_server)
+    async with open_ws(api.ws_url + "?user=alice") as a, \
+            open_ws(other.ws_url + "?user=bob") as b, open_ws(other.ws_url) as anon:
+        for ws in (a, b, anon):
+            await subscribe(ws, "room:1")
+        status, reply = await post(api, "/api/presence", {"channel": "room:1"})
+        assert status == 200, reply
+        assert sorted(c["user"] or "" for c in reply["clients"]) == ["", "alice", "bob"]
+        assert all(isinstance(c["client"], str) and c["client"] for c in reply["clients"])
+        assert await post(api, "/api/presence_stats", {"channel": "room:1"}) == (
+            200, {"clients": 3, "users": 2})
+        assert await post(api, "/api/presence", {"channel": "news"}) == (
+            400, error("no_presence"))
+        status, reply = await post(api, "/api/batch", {"commands": [
+            {"method": "presence_stats", "params": {"channel": "room:1"}},
+            {"method": "presence", "params": {"channel": "news"}}]})
+        assert status == 200 and reply["replies"][0] == {"clients": 3, "users": 2}
+        assert reply["replies"][1] == error("no_presence")
+        assert await post(api, "/api/presence", {"channel": 5}) == (400, error("bad_request"))
