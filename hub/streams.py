@@ -64,6 +64,7 @@ class _Stream:
     waiting: dict[HubConnection, list[Publication]] = field(default_factory=dict)
     settled: asyncio.Event = field(default_factory=asyncio.Event)
     retired: set[str] = field(default_factory=set)  # epochs this process ended (new_epoch)
+    stalls: int = 0  # repairs in a row that found nothing new while the live stream is ahead
     # A subscriber caught up from a history read that ran ahead of this process's live
     # stream: the live copies of offsets up to its mark are not sent to it again.
     skip: dict[HubConnection, int] = field(default_factory=dict)
@@ -239,13 +240,20 @@ class Streams:
             self._gap(stream, since.offset + 1, None, read.position.epoch)
             stream.epoch, stream.last = read.position.epoch, read.position.offset
         else:
-            seen = max([since.offset, *(p.offset for p in stream.held
-                                        if p.offset is not None and p.epoch == stream.epoch)])
-            if read.position.offset < seen:
-                # Same epoch, fewer messages than this process delivered or received: Redis
-                # lost some (appendfsync everysec, a lagging replica), and its offsets would
-                # be reused. Retire the epoch: clients then see recovered:false and this gap,
-                # never a duplicate or a silent hole (and no repair loop waiting for them).
+            # Publications held during the read may be newer than it (the read's reply and
+            # the live stream travel on two connections): one read that finds nothing new
+            # while the live stream is ahead is normal, two in a row are not.
+            ahead = any(p.offset is not None and p.epoch == stream.epoch
+                        and p.offset > read.position.offset for p in stream.held)
+            stalled = ahead and read.position.offset <= since.offset
+            stream.stalls = stream.stalls + 1 if stalled else 0
+            if read.position.offset < since.offset or stream.stalls >= 2:
+                # Same epoch, fewer messages than this process delivered, or a live offset
+                # the history never got: Redis lost some (appendfsync everysec, a lagging
+                # replica), and its offsets would be reused. Retire the epoch: clients then
+                # see recovered:false and this gap, never a duplicate or a silent hole (and
+                # no repair loop waiting for what will never come).
+                stream.stalls = 0
                 try:
                     position = await self.history.new_epoch(channel, since.epoch,
                                                             ttl=options.history_ttl)

@@ -131,8 +131,9 @@ def _publish(obj: Mapping[str, Any], limit: float) -> Publish:
     _fields(obj, ("channel", "data"), ("idempotency_key",))
     channel = _channel(obj["channel"])
     key = obj.get("idempotency_key")
-    if key is not None and (not isinstance(key, str) or not key
-                            or len(key) > MAX_IDEMPOTENCY_KEY_LEN):
+    if "idempotency_key" in obj and (not isinstance(key, str) or not key
+                                     or len(key) > MAX_IDEMPOTENCY_KEY_LEN):
+        # null too: the document says a string, and a client sending null meant something
         raise ApiError("bad_request", f"idempotency_key must be a string of 1 to "
                        f"{MAX_IDEMPOTENCY_KEY_LEN} characters")
     return Publish(channel, _data(obj, limit), key)
@@ -153,15 +154,13 @@ def _broadcast(obj: Mapping[str, Any], limit: float) -> Broadcast:
 def _history(obj: Mapping[str, Any], limit: float) -> History:
     _fields(obj, ("channel",), ("limit", "since"))
     channel = _channel(obj["channel"])
-    count = obj.get("limit")
-    if count is None:
-        count = 100
-    elif (isinstance(count, bool) or not isinstance(count, int)
+    count = obj.get("limit", 100)  # present and null is refused below, as the document says
+    if (isinstance(count, bool) or not isinstance(count, int)
           or not 1 <= count <= MAX_HISTORY_LIMIT):
         raise ApiError("bad_request", f"limit must be an integer from 1 to {MAX_HISTORY_LIMIT}")
     since = obj.get("since")
     position = None
-    if since is not None:
+    if "since" in obj:
         offset = since.get("offset") if isinstance(since, dict) else None
         epoch = since.get("epoch") if isinstance(since, dict) else None
         if (not isinstance(since, dict) or set(since) - {"offset", "epoch"}
