@@ -27,7 +27,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -114,6 +114,20 @@ async def wait_until_async(predicate: Callable[[], T], timeout: float, *,
     test's own connections between the calls."""
     return await asyncio.to_thread(wait_until, predicate, timeout, interval=interval,
                                    what=what)
+
+
+async def poll(predicate: Callable[[], Awaitable[T]], timeout: float = 10.0,
+               what: str = "condition", *, interval: float = 0.05) -> T:
+    """:func:`wait_until` for an async ``predicate`` awaited on the test's own loop (a
+    Redis or WebSocket client of the test): its first truthy value, AssertionError after
+    ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        await asyncio.sleep(interval)
 
 
 async def wait_for_status(hub: Any, path: str, status: int, timeout: float) -> float:

@@ -27,6 +27,7 @@ from hub.history import (
     parse_history_message,
 )
 from hub.history.redis import LIBRARY_CODE, LIBRARY_VERSION, library_version, loaded_version
+from tests.helpers import poll
 
 REDIS_CLI = shutil.which("redis-cli")
 
@@ -50,16 +51,6 @@ class Harness:
             self.store.clear()
         else:
             await self.client.flushall()
-
-
-async def poll(predicate, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 def aclient(server) -> aioredis.Redis:

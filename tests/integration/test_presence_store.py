@@ -27,19 +27,10 @@ from hub.presence import (
     registry_key,
     unpack_info,
 )
+from tests.helpers import poll
 
 SHORT = 0.3  # seconds: a ttl that expires during a test
 LONG = 600.0  # seconds: a ttl that does not
-
-
-async def poll(predicate, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 def aclient(server, **kwargs: Any) -> aioredis.Redis:

@@ -19,6 +19,7 @@ from tests.helpers import (
     free_port,
     metric,
     open_ws,
+    poll,
     recv_json,
     run_cli,
     subscribe,
@@ -59,14 +60,6 @@ async def post(hub, path: str, body: object = None, *, key: str | None = KEY,
             timeout=aiohttp.ClientTimeout(total=15)) as resp:
         assert resp.content_type == "application/json", (resp.status, await resp.text())
         return resp.status, await resp.json()
-
-
-async def poll(predicate, timeout: float, what: str) -> None:
-    """Await ``predicate()`` every 0.1 s until it is true; AssertionError after ``timeout``."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await predicate():
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.1)
 
 
 def error(code: str) -> dict:

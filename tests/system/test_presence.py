@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import open_ws
+from tests.helpers import open_ws, poll
 
 CONFIG = """\
 [namespaces.chat]
@@ -86,17 +86,6 @@ async def client(url: str):
             c.task.cancel()
 
 
-async def eventually(check, timeout: float, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {result!r}")
-        await asyncio.sleep(interval)
-
-
 def users(reply: dict) -> list[str | None]:
     return sorted((c["user"] for c in reply["clients"]), key=lambda u: (u is None, u or ""))
 
@@ -115,7 +104,7 @@ async def test_presence_join_and_leave_across_two_processes(tmp_path, redis_serv
         assert entry["user"] == "alice"
         alice_id = entry["client"]
         # alice's own join, after her ack
-        await eventually(lambda: _true(alice.joins_leaves("chat:room1")), 5)
+        await poll(lambda: _true(alice.joins_leaves("chat:room1")), 5)
         assert alice.joins_leaves("chat:room1") == [("join", "alice", alice_id)]
 
         await bob.call(op="subscribe", channel="chat:room1")
@@ -127,22 +116,22 @@ async def test_presence_join_and_leave_across_two_processes(tmp_path, redis_serv
             assert {k: stats[k] for k in ("type", "channel", "clients", "users")} == {
                 "type": "presence_stats", "channel": "chat:room1", "clients": 3, "users": 2}
         ids = {c["user"]: c["client"] for c in reply["clients"]}
-        await eventually(lambda: _true(len(alice.joins_leaves("chat:room1")) == 3), 5)
+        await poll(lambda: _true(len(alice.joins_leaves("chat:room1")) == 3), 5)
         assert alice.joins_leaves("chat:room1") == [
             ("join", "alice", alice_id), ("join", "bob", ids["bob"]), ("join", None, ids[None])]
 
         # unsubscribe: a leave for bob on both processes, once
         assert (await bob.call(op="unsubscribe", channel="chat:room1"))["type"] == "ack"
-        await eventually(lambda: _true(("leave", "bob", ids["bob"])
+        await poll(lambda: _true(("leave", "bob", ids["bob"])
                                        in alice.joins_leaves("chat:room1")), 5)
         assert users(await alice.call(op="presence", channel="chat:room1")) == ["alice", None]
         # subscribe again: a new join
         await bob.call(op="subscribe", channel="chat:room1")
-        await eventually(lambda: _true(alice.joins_leaves("chat:room1").count(
+        await poll(lambda: _true(alice.joins_leaves("chat:room1").count(
             ("join", "bob", ids["bob"])) == 2), 5)
         # the anonymous client on b sees alice's later leave
         await alice.close()
-        await eventually(lambda: _true(("leave", "alice", alice_id)
+        await poll(lambda: _true(("leave", "alice", alice_id)
                                        in anon.joins_leaves("chat:room1")), 5)
         assert users(await bob.call(op="presence", channel="chat:room1")) == ["bob", None]
         await asyncio.sleep(0.5)
@@ -173,7 +162,7 @@ async def test_presence_without_join_leave_and_a_forged_publish(tmp_path, redis_
         await a.call(op="subscribe", channel="chat:x")
         fake = json.dumps({"event": "join", "client": "x", "user": "mallory"})
         redis_server.client().publish("hub:chat:x", fake)
-        await eventually(lambda: _true([e for e in a.events if e["type"] == "message"]), 5)
+        await poll(lambda: _true([e for e in a.events if e["type"] == "message"]), 5)
         await b.close()
         await asyncio.sleep(1.0)
         assert a.joins_leaves("big:hall") == []
@@ -210,7 +199,7 @@ async def test_sigkill_leaves_arrive_once_within_the_bound(tmp_path, redis_serve
             return [client for kind, _, client in who.joins_leaves("chat:k")
                     if kind == "leave"]
 
-        await eventually(lambda: _true(set(leaves(alice)) == victim_ids
+        await poll(lambda: _true(set(leaves(alice)) == victim_ids
                                        and set(leaves(carol)) == victim_ids), LEAVE_BOUND)
         elapsed = time.monotonic() - killed
         assert elapsed <= LEAVE_BOUND
@@ -232,7 +221,7 @@ async def test_ordered_shutdown_announces_the_leaves_at_once(tmp_path, redis_ser
         await bob.call(op="subscribe", channel="chat:s")
         start = time.monotonic()
         b.terminate()
-        await eventually(lambda: _true([x for x in alice.joins_leaves("chat:s")
+        await poll(lambda: _true([x for x in alice.joins_leaves("chat:s")
                                         if x[:2] == ("leave", "bob")]), 2.5)
         assert time.monotonic() - start < 2.5  # well before presence_ttl + a sweep
         assert users(await alice.call(op="presence", channel="chat:s")) == ["alice"]
@@ -246,7 +235,7 @@ async def test_embedded_broker(tmp_path, hub_factory):
         stats = await a.call(op="presence_stats", channel="chat:e")
         assert (stats["clients"], stats["users"]) == (2, 2)
         await b.call(op="unsubscribe", channel="chat:e")
-        await eventually(lambda: _true([x for x in a.joins_leaves("chat:e")
+        await poll(lambda: _true([x for x in a.joins_leaves("chat:e")
                                         if x[:2] == ("leave", "b")]), 5)
         assert [k for k, _, _ in a.joins_leaves("chat:e")] == ["join", "join", "leave"]
         assert users(await a.call(op="presence", channel="chat:e")) == ["a"]
@@ -269,6 +258,6 @@ async def test_three_shards(tmp_path, redis_factory, hub_factory):
         held = [len(s.client().keys("{hub:chat:*}:p")) for s in shards]
         assert sum(held) == len(channels) and all(held), held
         await bob.close()
-        await eventually(lambda: _true(all(("leave", "bob") in [x[:2] for x in
+        await poll(lambda: _true(all(("leave", "bob") in [x[:2] for x in
                                                                 alice.joins_leaves(c)]
                                            for c in channels)), 5)
