@@ -76,23 +76,14 @@ def create_history(urls: Sequence[str] = (), *, cluster: bool = False, prefix: s
         from .memory import MemoryHistory
 
         return MemoryHistory(on_publish=on_publish)
-    import redis.asyncio as aioredis
-    from redis.asyncio.cluster import RedisCluster
-
-    from .redis import RedisHistory
+    from .redis import RedisHistory, no_retry_clients
 
     def store(client: Any) -> History:
         history = RedisHistory(client, prefix=prefix)
         history.owns_client = True
         return history
 
-    if cluster:
-        return store(RedisCluster.from_url(urls[0], socket_timeout=timeout,
-                                           socket_connect_timeout=timeout, retry=None,
-                                           cluster_error_retry_attempts=0))
-    stores = [store(aioredis.Redis.from_url(url, socket_timeout=timeout,
-                                            socket_connect_timeout=timeout, retry=None))
-              for url in urls]
+    stores = [store(c) for c in no_retry_clients(urls, cluster=cluster, timeout=timeout)]
     if len(stores) == 1:
         return stores[0]
     from .sharded import ShardedHistory

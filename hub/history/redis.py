@@ -23,7 +23,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any
 
@@ -67,8 +67,47 @@ def library_version(code: str) -> int:
 LIBRARY_VERSION = library_version(LIBRARY_CODE)
 
 
-def _not_found(exc: ResponseError) -> bool:
-    return _NOT_FOUND in str(exc).lower()
+def not_found(exc: BaseException) -> bool:
+    """True for Redis's "Function not found" (the library is not loaded)."""
+    return isinstance(exc, ResponseError) and _NOT_FOUND in str(exc).lower()
+
+
+_not_found = not_found
+
+
+async def call_function(client: AnyRedis, function: str, keys: Sequence[str], *args: Any,
+                        safe: bool, load: Callable[[], Awaitable[Any]]) -> Any:
+    """``FCALL function len(keys) *keys *args`` with the library's retry rule: after
+    "Function not found", ``load()`` it and call once more (nothing ran); after a connection
+    error or timeout, call once more only when the call is ``safe`` to repeat (a read), never
+    for one that may have been applied (a publish, a remove)."""
+    connection_retry = safe
+    loaded = False
+    while True:
+        try:
+            return await client.fcall(function, len(keys), *keys, *args)
+        except ResponseError as exc:
+            if loaded or not not_found(exc):
+                raise
+            loaded = True
+            await load()
+        except (RedisConnectionError, RedisTimeoutError):
+            if not connection_retry:
+                raise
+            connection_retry = False
+
+
+def no_retry_clients(urls: Sequence[str], *, cluster: bool, timeout: float) -> list[AnyRedis]:
+    """One asyncio client per URL (or one Redis Cluster client for the seed URL), each with
+    ``timeout`` seconds per command and no automatic retries: the stores decide what may be
+    sent again (:func:`call_function`)."""
+    if cluster:
+        return [RedisCluster.from_url(urls[0], socket_timeout=timeout,
+                                      socket_connect_timeout=timeout, retry=None,
+                                      cluster_error_retry_attempts=0)]
+    return [aioredis.Redis.from_url(url, socket_timeout=timeout,
+                                    socket_connect_timeout=timeout, retry=None)
+            for url in urls]
 
 
 Execute = Callable[..., Awaitable[Any]]
@@ -221,21 +260,8 @@ class RedisHistory(History):
             return await ensure_functions(self.client)
 
     async def _fcall(self, function: str, channel: str, *args: Any, safe: bool) -> Any:
-        key = self.key(channel)
-        connection_retry = safe
-        loaded = False
-        while True:
-            try:
-                return await self.client.fcall(function, 1, key, *args)
-            except ResponseError as exc:
-                if loaded or not _not_found(exc):
-                    raise
-                loaded = True
-                await self.ensure_functions()
-            except (RedisConnectionError, RedisTimeoutError):
-                if not connection_retry:
-                    raise
-                connection_retry = False
+        return await call_function(self.client, function, (self.key(channel),), *args,
+                                   safe=safe, load=self.ensure_functions)
 
     async def publish(self, channel: str, payload: bytes, *, size: int, ttl: float,
                       idempotency_key: str | None = None) -> StreamPosition:

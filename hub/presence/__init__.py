@@ -63,24 +63,16 @@ def create_presence(urls: Sequence[str] = (), *, cluster: bool = False, prefix: 
         from .memory import MemoryPresence
 
         return MemoryPresence()
-    import redis.asyncio as aioredis
-    from redis.asyncio.cluster import RedisCluster
-
+    from ..history.redis import no_retry_clients
     from .redis import RedisPresence
 
     class _Owned(RedisPresence):
         async def close(self) -> None:
             await self.client.aclose()
 
-    if cluster:
-        return _Owned(RedisCluster.from_url(urls[0], socket_timeout=timeout,
-                                            socket_connect_timeout=timeout, retry=None,
-                                            cluster_error_retry_attempts=0), prefix=prefix)
     stores: list[Presence] = [
-        _Owned(aioredis.Redis.from_url(url, socket_timeout=timeout,
-                                       socket_connect_timeout=timeout, retry=None),
-               prefix=prefix)
-        for url in urls]
+        _Owned(client, prefix=prefix)
+        for client in no_retry_clients(urls, cluster=cluster, timeout=timeout)]
     if len(stores) == 1:
         return stores[0]
     from .sharded import ShardedPresence

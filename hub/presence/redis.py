@@ -27,20 +27,14 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ..history.redis import ensure_functions
+from ..history.redis import call_function, ensure_functions, not_found
 from .base import ClientInfo, Presence, PresenceStats, pack_info, unpack_info
 
 __all__ = ["RedisPresence", "index_key", "registry_key"]
 
 AnyRedis = aioredis.Redis | RedisCluster
-
-
-def _not_found(exc: BaseException) -> bool:
-    return isinstance(exc, ResponseError) and "function not found" in str(exc).lower()
 
 
 @functools.cache
@@ -124,20 +118,8 @@ class RedisPresence(Presence):
             return await ensure_functions(self.client)
 
     async def _fcall(self, function: str, keys: Sequence[str], *args: Any, safe: bool) -> Any:
-        connection_retry = safe
-        loaded = False
-        while True:
-            try:
-                return await self.client.fcall(function, len(keys), *keys, *args)
-            except ResponseError as exc:
-                if loaded or not _not_found(exc):
-                    raise
-                loaded = True
-                await self.ensure_functions()
-            except (RedisConnectionError, RedisTimeoutError):
-                if not connection_retry:
-                    raise
-                connection_retry = False
+        return await call_function(self.client, function, keys, *args, safe=safe,
+                                   load=self.ensure_functions)
 
     async def _register(self, indexes: Iterable[str]) -> None:
         if self.cluster:
@@ -228,7 +210,7 @@ class RedisPresence(Presence):
             again = []
             for n, result in zip(todo, results, strict=True):
                 if isinstance(result, BaseException):
-                    if _not_found(result) and attempt == 0:
+                    if not_found(result) and attempt == 0:
                         again.append(n)
                     elif not (skip_errors and isinstance(result, ResponseError)):
                         raise result

@@ -298,20 +298,11 @@ def test_cli_publish_with_config(tmp_path, redis_server):
 # -- Redis Cluster ----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def cluster(tmp_path):
-    from tests.system.test_cluster import Cluster
-
-    nodes = Cluster(tmp_path / "cluster")
-    try:
-        nodes.create()
-        yield nodes
-    finally:
-        nodes.close()
+from tests.system.test_cluster import cluster  # noqa: E402, F401 (the fixture)
 
 
 @pytest.mark.cluster
-async def test_cluster_history_on_the_key_s_master(cluster):
+async def test_cluster_history_on_the_key_s_master(cluster):  # noqa: F811 (the fixture)
     names = [f"chat:room{i}" for i in range(12)]
     owners = {name: cluster.owner(name) for name in names}
     assert len(set(owners.values())) == 3
