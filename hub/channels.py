@@ -88,6 +88,10 @@ class NamespaceOptions:
         return self.history_size > 0
 
 
+#: The options of a reserved channel (``$...``): no history, no presence.
+_RESERVED = NamespaceOptions()
+
+
 class ChannelRules:
     """The channel rules of one hub process: permissions and per-namespace options.
 
@@ -105,7 +109,10 @@ class ChannelRules:
         self.defaults = defaults or NamespaceOptions()
 
     def options(self, channel: str) -> NamespaceOptions:
-        """The options of ``channel``: its namespace's, else the defaults."""
+        """The options of ``channel``: its namespace's, else the defaults; a reserved
+        channel (``$...``: :mod:`hub.control`) keeps nothing."""
+        if channel[:1] == "$":
+            return _RESERVED
         return self.namespaces.get(namespace_of(channel), self.defaults)
 
     def keeps_history(self, channel: str) -> bool:

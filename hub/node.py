@@ -33,6 +33,7 @@ import orjson
 from .brokers.base import Broker, Publication, StreamPosition
 from .channels import ChannelRules
 from .connection import HubConnection, close_or_abort, fan_out, send_text
+from .control import Control
 from .exceptions import BrokerUnavailable
 from .history.base import History
 from .metrics import Metrics
@@ -69,7 +70,7 @@ class Node:
     def __init__(self, broker: Broker, metrics: Metrics | None = None, *,
                  max_payload_bytes: float = math.inf, max_lag: float = math.inf,
                  history: History | None = None, rules: ChannelRules | None = None,
-                 presence: Presence | None = None) -> None:
+                 presence: Presence | None = None, version: str = "unknown") -> None:
         self.metrics = metrics or Metrics()
         self.registry: Registry[HubConnection] = Registry()
         self.broker = broker
@@ -81,6 +82,8 @@ class Node:
         #: The presence channels (None without a presence store): hub.presences.
         self.presences = (Presences(presence, self.rules, self.registry, broker, self.spawn)
                           if presence is not None else None)
+        #: The control channel: commands for every process, heartbeats (hub.control).
+        self.control = Control(self, version=version)
         self.max_payload_bytes = max_payload_bytes
         self.max_lag = max_lag
         self._too_large = self.metrics.payloads_dropped.labels("too_large")
@@ -107,6 +110,7 @@ class Node:
             self.spawn(self.history.start())  # loads the Redis function library
         if self.presences is not None:
             self.presences.start()
+        self.control.start()
 
     async def leave_all(self) -> None:
         """The ordered shutdown's first step: remove this process's presence entries and
@@ -117,6 +121,7 @@ class Node:
     async def stop(self) -> None:
         if self.presences is not None:
             await self.presences.stop()  # a no-op after leave_all
+        await self.control.stop()
         await self.broker.stop()
         if self.history is not None:
             await self.history.close()
@@ -144,6 +149,8 @@ class Node:
         channel = publication.channel
         conns = self.registry.by_channel.get(channel)
         if not conns:
+            if channel[:1] == "$":  # a reserved channel: the control channel's messages
+                self.control.receive(publication)
             return
         if publication.presence:
             self._presence_event(publication, conns)
@@ -321,6 +328,13 @@ class Node:
         if presences is not None and presences.keeps_presence(channel):
             await presences.join(conn, channel)
 
+    async def subscribe_reserved(self, channel: str) -> None:
+        """Subscribe the broker to the reserved channel ``channel`` (``$...``, no local
+        subscriber: :mod:`hub.control`) for the process's life. Raises
+        :class:`BrokerUnavailable` as :meth:`subscribe` does; the channel then stays wanted
+        and is subscribed when the link is up."""
+        await self.broker.subscribe(channel, SUBSCRIBE_TIMEOUT)
+
     def keeps_history(self, channel: str) -> bool:
         """True when ``channel`` keeps a history (and this node has a history store)."""
         return self.streams is not None and self.streams.keeps_history(channel)
@@ -402,6 +416,12 @@ class Node:
         conn.dropping = True
         self.metrics.closes.labels(str(code)).inc()
         return self.spawn(close_or_abort(conn, code, reason, timeout))
+
+    def disconnect(self, conn: HubConnection, code: int, reason: str) -> None:
+        """Stop sending to ``conn`` and close it with ``code`` and ``reason`` (abort the TCP
+        connection if the closing handshake stalls :data:`SLOW_CLOSE_TIMEOUT` seconds)."""
+        self.detach(conn)
+        self.close_connection(conn, code, reason, SLOW_CLOSE_TIMEOUT)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)

@@ -65,6 +65,7 @@ __all__ = [
     "presence_frame",
     "presence_stats_frame",
     "stream_gap_frame",
+    "subscribed_frame",
     "unsubscribed_frame",
 ]
 
@@ -100,6 +101,7 @@ CLOSE_GOING_AWAY = 1001      # the hub is shutting down
 CLOSE_INTERNAL_ERROR = 1011  # also: the personal channel could not be subscribed at connect
 CLOSE_TOKEN_EXPIRED = 4001   # the JWT expired and no refresh came in time, or connect's expired
 CLOSE_INVALID_TOKEN = 4002   # connect's token is malformed, forged, too long or lacks a sub
+CLOSE_DISCONNECTED = 4003    # disconnected by the server: /api/disconnect, Publisher.disconnect
 CLOSE_AUTH_TIMEOUT = 4005    # no connect within --auth-timeout
 CLOSE_AUTH_REQUIRED = 4006   # the first frame of a pending connection was not a connect
 CLOSE_SLOW_CONSUMER = 4008   # the write buffer passed --max-buffer-bytes
@@ -112,6 +114,8 @@ CLOSE_CODES = {
     1011: "internal error (also: the personal channel could not be subscribed at connect)",
     4001: "token expired: send a refresh before exp (or connect with a fresh token)",
     4002: "invalid token in connect",
+    4003: "disconnected by the server (/api/disconnect, Publisher.disconnect): do not "
+          "reconnect",
     4005: "authentication timeout: no connect within --auth-timeout",
     4006: "authentication required: the first frame was not a connect",
     4008: "slow consumer: the client did not read fast enough",
@@ -524,8 +528,20 @@ def history_frame(cid: object, channel: str, offset: int, epoch: str,
 def unsubscribed_frame(channel: str, reason: str) -> bytes:
     """``{"type":"unsubscribed","channel":...,"reason":...}``: the server ended the
     connection's subscription to ``channel`` (``reason`` ``revoked``: a refreshed token no
-    longer grants the private channel)."""
+    longer grants the private channel; ``server``: the HTTP API's ``/api/unsubscribe`` or
+    ``Publisher.unsubscribe``)."""
     return orjson.dumps({"type": "unsubscribed", "channel": channel, "reason": reason})
+
+
+def subscribed_frame(channel: str, offset: int | None = None, epoch: str | None = None
+                     ) -> bytes:
+    """``{"type":"subscribed","channel":...}``: the server subscribed the connection to
+    ``channel`` (``/api/subscribe``, ``Publisher.subscribe``); on a history channel with the
+    channel's position, ``"offset":N,"epoch":"..."``, from which live messages follow."""
+    if offset is None:
+        return orjson.dumps({"type": "subscribed", "channel": channel})
+    return orjson.dumps({"type": "subscribed", "channel": channel, "offset": offset,
+                         "epoch": epoch})
 
 
 def stream_gap_frame(channel: str, first: int | None, last: int | None,

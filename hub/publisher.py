@@ -53,9 +53,11 @@ from redis.exceptions import ResponseError
 from redis.maint_notifications import MaintNotificationsConfig
 from redis.retry import Retry
 
+from .auth import check_user_id
 from .brokers.base import StreamPosition
 from .channels import ChannelRules, NamespaceOptions, personal_channel
-from .exceptions import ConfigError, ProtocolError
+from .control import CONTROL_CHANNEL, check_close, encode
+from .exceptions import AuthError, ConfigError, ProtocolError
 from .history.redis import (
     _LOCK_KEY,
     _LOCK_MS,
@@ -67,7 +69,9 @@ from .history.redis import (
     ensure_functions,
     library_version,
 )
-from .protocol import check_channel, encode_data
+from .presence.base import ClientInfo, PresenceStats
+from .presence.redis import parse_clients, parse_stats
+from .protocol import CLOSE_DISCONNECTED, check_channel, encode_data
 from .sharding import shard_index
 
 __all__ = ["AsyncPublisher", "Publisher", "StreamPosition"]
@@ -104,6 +108,37 @@ def _message(channel: str, data: Any, prefix: str) -> tuple[bytes, bytes]:
     except ProtocolError as exc:
         raise ValueError(f"{exc.code}: {exc.message}") from None
     return (prefix + channel).encode(), payload
+
+
+def _user_command(kind: str, user: str, channel: str | None = None, *,
+                  code: int | None = None, reason: str | None = None) -> bytes:
+    """The control message (:mod:`hub.control`) of a server-side command; ValueError for a
+    bad user id, channel, close code or reason."""
+    try:
+        check_user_id(user)
+    except AuthError as exc:
+        raise ValueError(str(exc)) from None
+    if kind == "disconnect":
+        code, reason = check_close(code, reason)
+        return encode(kind, user=user, code=code, reason=reason)
+    try:
+        check_channel(channel)
+    except ProtocolError as exc:
+        raise ValueError(f"{exc.code}: {exc.message}") from None
+    return encode(kind, user=user, channel=channel)
+
+
+def _presence_key(rules: ChannelRules, prefix: str, channel: str) -> str:
+    """``<prefix><channel>``, the declared key of the presence functions; ValueError for a
+    bad channel or one whose namespace keeps no presence."""
+    try:
+        check_channel(channel)
+    except ProtocolError as exc:
+        raise ValueError(f"{exc.code}: {exc.message}") from None
+    if not rules.keeps_presence(channel):
+        raise ValueError(f"no_presence: {channel!r} keeps no presence (its namespace's "
+                         "presence option)")
+    return prefix + channel
 
 
 def _rules(prefix: str, namespaces: Mapping[str, NamespaceOptions] | None,
@@ -294,6 +329,55 @@ class Publisher:
         (namespace ``user``: a history channel when ``[namespaces.user]`` says so)."""
         return self.publish(personal_channel(user_id), data, idempotency_key=idempotency_key)
 
+    # -- server-side commands (the control channel, docs/control-format.md) -------------
+
+    def _control(self, payload: bytes) -> int:
+        name = (self.prefix + CONTROL_CHANNEL).encode()
+        client = self._clients[self._shard(CONTROL_CHANNEL)]
+        if self.cluster:
+            return int(client.spublish(name, payload))
+        return int(client.publish(name, payload))
+
+    def disconnect(self, user: str, *, code: int = CLOSE_DISCONNECTED, reason: str = "") -> int:
+        """Close every connection of ``user`` on every hub process with ``code`` (4000-4999,
+        default 4003) and ``reason`` (at most 123 UTF-8 bytes); returns the number of hub
+        processes reached. Raises ValueError for a bad user id, code or reason."""
+        return self._control(_user_command("disconnect", user, code=code, reason=reason))
+
+    def subscribe(self, user: str, channel: str) -> int:
+        """Subscribe every connection of ``user`` on every hub process to ``channel`` (each
+        is told with a ``subscribed`` frame); returns the number of hub processes reached.
+        Raises ValueError for a bad user id or channel."""
+        return self._control(_user_command("subscribe", user, channel))
+
+    def unsubscribe(self, user: str, channel: str) -> int:
+        """Unsubscribe every connection of ``user`` on every hub process from ``channel``
+        (each told with an ``unsubscribed`` frame, reason ``server``); returns the number of
+        hub processes reached. Raises ValueError for a bad user id or channel."""
+        return self._control(_user_command("unsubscribe", user, channel))
+
+    def _presence_call(self, function: str, channel: str) -> Any:
+        key = _presence_key(self.rules, self.prefix, channel)
+        client = self._clients[self._shard(channel)]
+        try:
+            return client.fcall(function, 1, key)
+        except ResponseError as exc:
+            if not _not_found(exc):
+                raise
+        ensure_functions_sync(client)
+        return client.fcall(function, 1, key)
+
+    def presence(self, channel: str) -> list[ClientInfo]:
+        """Every connection subscribed to the presence channel ``channel`` on any hub process
+        (``ClientInfo(client, user)``, in no particular order; docs/presence-format.md).
+        Raises ValueError for a bad channel or one without presence."""
+        return parse_clients(self._presence_call("hub_presence_clients", channel))
+
+    def presence_stats(self, channel: str) -> PresenceStats:
+        """``PresenceStats(clients, users)`` of the presence channel ``channel``. Raises
+        ValueError as :meth:`presence` does."""
+        return parse_stats(self._presence_call("hub_presence_stats", channel))
+
     def close(self) -> None:
         for client in self._clients + self._history_clients:
             client.close()
@@ -373,6 +457,47 @@ class AsyncPublisher:
                               idempotency_key: str | None = None) -> int | StreamPosition:
         return await self.publish(personal_channel(user_id), data,
                                   idempotency_key=idempotency_key)
+
+    # -- server-side commands: as Publisher's ---------------------------------------------
+
+    async def _control(self, payload: bytes) -> int:
+        name = (self.prefix + CONTROL_CHANNEL).encode()
+        client = self._clients[self._shard(CONTROL_CHANNEL)]
+        if self.cluster:
+            return int(await client.spublish(name, payload))
+        return int(await client.publish(name, payload))
+
+    async def disconnect(self, user: str, *, code: int = CLOSE_DISCONNECTED,
+                         reason: str = "") -> int:
+        """See :meth:`Publisher.disconnect`."""
+        return await self._control(_user_command("disconnect", user, code=code, reason=reason))
+
+    async def subscribe(self, user: str, channel: str) -> int:
+        """See :meth:`Publisher.subscribe`."""
+        return await self._control(_user_command("subscribe", user, channel))
+
+    async def unsubscribe(self, user: str, channel: str) -> int:
+        """See :meth:`Publisher.unsubscribe`."""
+        return await self._control(_user_command("unsubscribe", user, channel))
+
+    async def _presence_call(self, function: str, channel: str) -> Any:
+        key = _presence_key(self.rules, self.prefix, channel)
+        client = self._clients[self._shard(channel)]
+        try:
+            return await client.fcall(function, 1, key)
+        except ResponseError as exc:
+            if not _not_found(exc):
+                raise
+        await ensure_functions(client)
+        return await client.fcall(function, 1, key)
+
+    async def presence(self, channel: str) -> list[ClientInfo]:
+        """See :meth:`Publisher.presence`."""
+        return parse_clients(await self._presence_call("hub_presence_clients", channel))
+
+    async def presence_stats(self, channel: str) -> PresenceStats:
+        """See :meth:`Publisher.presence_stats`."""
+        return parse_stats(await self._presence_call("hub_presence_stats", channel))
 
     async def aclose(self) -> None:
         for client in self._clients + self._history_clients:

@@ -30,6 +30,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
+from . import __version__
 from .auth import origin_problems
 from .brokers import create_broker
 from .channels import ChannelRules
@@ -85,7 +86,7 @@ class Hub:
                                        prefix=config.redis_prefix, timeout=config.probe_timeout)
         self.node = Node(broker, self.metrics, max_payload_bytes=config.max_payload_bytes,
                          max_lag=config.max_lag, history=history, rules=rules,
-                         presence=presence)
+                         presence=presence, version=__version__)
         self.sessions = Sessions(self.node, rules, self.metrics,
                                  jwt_secret=config.jwt_secret,
                                  auth_timeout=config.auth_timeout,
@@ -191,7 +192,6 @@ class Hub:
         """Build the ``--api-port`` server and bind its socket (it serves once the node has
         started); on a bind error undo what :meth:`start` did so far and raise
         :class:`ConfigError`."""
-        from . import __version__
         from .api import ApiServer
 
         cfg = self.config

@@ -28,6 +28,7 @@ import orjson
 from aiohttp import web
 
 from ..brokers.base import StreamPosition
+from ..control import encode
 from ..exceptions import BrokerUnavailable
 from ..metrics import Metrics
 from ..node import Node
@@ -38,12 +39,16 @@ from ..protocol import payload_to_json
 from .commands import (
     Batch,
     Broadcast,
+    Channels,
     Command,
+    Disconnect,
     History,
     Info,
     Presence,
     PresenceStats,
     Publish,
+    Subscribe,
+    Unsubscribe,
     parse_body,
     parse_command,
 )
@@ -54,7 +59,8 @@ __all__ = ["ENDPOINTS", "OPENAPI", "ApiServer"]
 logger = logging.getLogger("hub.api")
 
 #: The POST endpoints, each ``/api/<name>``.
-ENDPOINTS = ("publish", "broadcast", "history", "presence", "presence_stats", "batch", "info")
+ENDPOINTS = ("publish", "broadcast", "history", "presence", "presence_stats", "subscribe",
+             "unsubscribe", "disconnect", "channels", "batch", "info")
 #: The OpenAPI document as served (the package's copy of docs/openapi.json).
 OPENAPI: bytes = importlib.resources.files(__package__).joinpath("openapi.json").read_bytes()
 
@@ -260,6 +266,15 @@ class ApiServer:
             case PresenceStats(channel):
                 stats = await self._presence(channel).stats(channel)
                 return {"clients": stats.clients, "users": stats.users}
+            case Subscribe(user, channel):
+                return await self._control(encode("subscribe", user=user, channel=channel))
+            case Unsubscribe(user, channel):
+                return await self._control(encode("unsubscribe", user=user, channel=channel))
+            case Disconnect(user, code, reason):
+                return await self._control(encode("disconnect", user=user, code=code,
+                                                  reason=reason))
+            case Channels(pattern):
+                return await self._channels(pattern)
             case Info():
                 return self._info()
             case Batch(commands):
@@ -317,14 +332,32 @@ class ApiServer:
                               "data": orjson.Fragment(payload_to_json(p.payload))}
                              for p in read.publications]}
 
+    async def _control(self, payload: bytes) -> dict[str, Any]:
+        """Publish a control message for every process (:mod:`hub.control`); the reply says
+        how many hub processes received it."""
+        try:
+            reached = await self.node.control.send(payload)
+        except BrokerUnavailable as exc:
+            raise ApiError("unavailable", str(exc)) from None
+        return {"processes": reached}
+
+    async def _channels(self, pattern: str | None) -> dict[str, Any]:
+        try:
+            counts, missing, truncated = await self.node.control.channels(pattern)
+        except BrokerUnavailable as exc:
+            raise ApiError("unavailable", str(exc)) from None
+        return {"channels": [{"channel": name, "subscribers": counts[name]}
+                             for name in sorted(counts)],
+                "missing": [info.name for info in missing], "truncated": truncated}
+
     def _info(self) -> dict[str, Any]:
         node = self.node
-        registry = node.registry
-        return {"version": self.version, "pid": os.getpid(), "scope": "process",
-                "connections": len(registry),
-                "subscriptions": sum(len(c) for c in registry.channels_of.values()),
-                "channels": len(registry.by_channel),
-                "broker_connected": node.broker.connected, "ready": node.ready}
+        nodes = node.control.nodes()
+        return {"version": self.version, "node": node.control.node_id, "pid": os.getpid(),
+                "broker_connected": node.broker.connected, "ready": node.ready,
+                "connections": sum(n.connections for n in nodes),
+                "subscriptions": sum(n.subscriptions for n in nodes),
+                "nodes": [n.to_json() for n in nodes]}
 
 
 async def _server_header(request: web.Request, response: web.StreamResponse) -> None:

@@ -16,8 +16,10 @@ from typing import Any
 
 import orjson
 
+from ..auth import check_user_id
 from ..brokers.base import StreamPosition
-from ..exceptions import ProtocolError
+from ..control import check_close
+from ..exceptions import AuthError, ProtocolError
 from ..protocol import MAX_EPOCH_LEN, MAX_HISTORY_LIMIT, MAX_IDEMPOTENCY_KEY_LEN, check_channel
 from .errors import ApiError
 
@@ -27,12 +29,16 @@ __all__ = [
     "METHODS",
     "Batch",
     "Broadcast",
+    "Channels",
     "Command",
+    "Disconnect",
     "History",
     "Info",
     "Presence",
     "PresenceStats",
     "Publish",
+    "Subscribe",
+    "Unsubscribe",
     "parse_body",
     "parse_command",
 ]
@@ -88,9 +94,11 @@ def parse_body(body: bytes) -> dict[str, Any]:
 
 def parse_command(method: str, obj: Mapping[str, Any], *, max_payload_bytes: float
                   ) -> Command:
-    """The command of endpoint ``method`` (``publish``, ``broadcast``, ``history``, ``info``,
-    ``batch``) for the body ``obj``. A ``data`` whose JSON is over ``max_payload_bytes`` is
-    ``too_large`` (the hub would deliver it to nobody). Raises :class:`ApiError`."""
+    """The command of endpoint ``method`` (``publish``, ``broadcast``, ``history``,
+    ``presence``, ``presence_stats``, ``subscribe``, ``unsubscribe``, ``disconnect``,
+    ``channels``, ``info``, ``batch``) for the body ``obj``. A ``data`` whose JSON is over
+    ``max_payload_bytes`` is ``too_large`` (the hub would deliver it to nobody).
+    Raises :class:`ApiError`."""
     if method == "batch":
         return _batch(obj, max_payload_bytes)
     parser = _PARSERS.get(method)
@@ -197,12 +205,81 @@ def _info(obj: Mapping[str, Any], limit: float) -> Info:
     return Info()
 
 
-_Simple = Publish | Broadcast | History | Presence | PresenceStats | Info
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    user: str
+    channel: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    user: str
+    channel: str
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    user: str
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Channels:
+    pattern: str | None = None
+
+
+#: Most characters of a ``channels`` pattern.
+MAX_PATTERN_LEN = 256
+
+
+def _user(value: object) -> str:
+    try:
+        return check_user_id(value)
+    except AuthError as exc:
+        raise ApiError("bad_request", str(exc)) from None
+
+
+def _subscribe(obj: Mapping[str, Any], limit: float) -> Subscribe:
+    _fields(obj, ("user", "channel"))
+    return Subscribe(_user(obj["user"]), _channel(obj["channel"]))
+
+
+def _unsubscribe(obj: Mapping[str, Any], limit: float) -> Unsubscribe:
+    _fields(obj, ("user", "channel"))
+    return Unsubscribe(_user(obj["user"]), _channel(obj["channel"]))
+
+
+def _disconnect(obj: Mapping[str, Any], limit: float) -> Disconnect:
+    _fields(obj, ("user",), ("code", "reason"))
+    user = _user(obj["user"])
+    if ("code" in obj and obj["code"] is None) or ("reason" in obj and obj["reason"] is None):
+        raise ApiError("bad_request", "code and reason may be left out, not null")
+    try:
+        code, reason = check_close(obj.get("code"), obj.get("reason"))
+    except ValueError as exc:
+        raise ApiError("bad_request", str(exc)) from None
+    return Disconnect(user, code, reason)
+
+
+def _channels(obj: Mapping[str, Any], limit: float) -> Channels:
+    _fields(obj, (), ("pattern",))
+    pattern = obj.get("pattern")
+    if "pattern" in obj and (not isinstance(pattern, str) or not pattern
+                             or len(pattern) > MAX_PATTERN_LEN):
+        raise ApiError("bad_request", f"pattern must be a string of 1 to {MAX_PATTERN_LEN} "
+                       "characters")
+    return Channels(pattern)
+
+
+_Simple = (Publish | Broadcast | History | Presence | PresenceStats | Info | Subscribe
+           | Unsubscribe | Disconnect | Channels)
 #: One API command: what an endpoint (or one entry of a batch) asks for.
 Command = _Simple | Batch
 _PARSERS: dict[str, Callable[[Mapping[str, Any], float], _Simple]] = {
     "publish": _publish, "broadcast": _broadcast, "history": _history, "presence": _presence,
-    "presence_stats": _presence_stats, "info": _info}
+    "presence_stats": _presence_stats, "info": _info, "subscribe": _subscribe,
+    "unsubscribe": _unsubscribe, "disconnect": _disconnect, "channels": _channels}
 #: The methods a batch may hold (every endpoint but batch itself).
 METHODS = tuple(_PARSERS)
 

@@ -32,7 +32,7 @@ from redis.exceptions import ResponseError
 from ..history.redis import call_function, ensure_functions, not_found
 from .base import ClientInfo, Presence, PresenceStats, pack_info, unpack_info
 
-__all__ = ["RedisPresence", "index_key", "registry_key"]
+__all__ = ["RedisPresence", "index_key", "parse_clients", "parse_stats", "registry_key"]
 
 AnyRedis = aioredis.Redis | RedisCluster
 
@@ -71,8 +71,14 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _pairs(reply: Sequence[Any]) -> list[ClientInfo]:
+def parse_clients(reply: Sequence[Any]) -> list[ClientInfo]:
+    """The entries of ``FCALL hub_presence_clients``'s reply (client, packed info, ...)."""
     return [unpack_info(_text(reply[i]), reply[i + 1]) for i in range(0, len(reply) - 1, 2)]
+
+
+def parse_stats(reply: Sequence[Any]) -> PresenceStats:
+    """The counts of ``FCALL hub_presence_stats``'s reply (clients, users)."""
+    return PresenceStats(int(reply[0]), int(reply[1]))
 
 
 class RedisPresence(Presence):
@@ -224,18 +230,18 @@ class RedisPresence(Presence):
 
     async def clients(self, channel: str) -> list[ClientInfo]:
         reply = await self._fcall("hub_presence_clients", (self.key(channel),), safe=True)
-        return _pairs(reply)
+        return parse_clients(reply)
 
     async def stats(self, channel: str) -> PresenceStats:
         reply = await self._fcall("hub_presence_stats", (self.key(channel),), safe=True)
-        return PresenceStats(int(reply[0]), int(reply[1]))
+        return parse_stats(reply)
 
     async def expire(self, channel: str, *, limit: int = 1000) -> list[ClientInfo]:
         # not retried after a connection error: the entries may be deleted already and a
         # retry would not return them (their leaves would be lost, never reported twice)
         reply = await self._fcall("hub_presence_expire", (self.key(channel), self.index(channel)),
                                   max(1, limit), safe=False)
-        return _pairs(reply)
+        return parse_clients(reply)
 
     async def _due(self, limit: int) -> list[tuple[float, str]]:
         """``(earliest expiry ms, channel)`` of the channels due now, the most overdue first."""
@@ -268,4 +274,5 @@ class RedisPresence(Presence):
         replies = await self._pipeline([
             ("hub_presence_expire", (2, self.key(c), self.index(c), max(1, limit)))
             for c in channels], skip_errors=True)
-        return {c: _pairs(reply) for c, reply in zip(channels, replies, strict=True) if reply}
+        return {c: parse_clients(reply)
+                for c, reply in zip(channels, replies, strict=True) if reply}
