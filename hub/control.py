@@ -182,7 +182,8 @@ class Control:
         """Subscribe the two control channels and start the heartbeats (in the background:
         the broker keeps both channels wanted, so they are subscribed whenever its link is
         up)."""
-        self._task = self.node.spawn(self._run())
+        # Its own task, not one of the node's short background tasks: it runs until stop().
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="hub-control")
 
     async def stop(self) -> None:
         """Stop the heartbeats and tell the other processes this one is gone. Never
@@ -216,9 +217,13 @@ class Control:
 
     async def heartbeat(self) -> None:
         """Publish this process's heartbeat now (never raises for the broker)."""
-        with contextlib.suppress(BrokerUnavailable):
+        try:
             await self.node.broker.publish(CONTROL_CHANNEL,
                                            encode("heartbeat", **self._info_fields()))
+        except BrokerUnavailable:
+            pass  # the next one, once the link is back
+        except Exception:  # never let the heartbeats stop
+            logger.exception("control: heartbeat failed")
 
     # -- what the process knows ------------------------------------------------------------
 

@@ -278,8 +278,8 @@ _Simple = (Publish | Broadcast | History | Presence | PresenceStats | Info | Sub
 Command = _Simple | Batch
 _PARSERS: dict[str, Callable[[Mapping[str, Any], float], _Simple]] = {
     "publish": _publish, "broadcast": _broadcast, "history": _history, "presence": _presence,
-    "presence_stats": _presence_stats, "info": _info, "subscribe": _subscribe,
-    "unsubscribe": _unsubscribe, "disconnect": _disconnect, "channels": _channels}
+    "presence_stats": _presence_stats, "subscribe": _subscribe, "unsubscribe": _unsubscribe,
+    "disconnect": _disconnect, "channels": _channels, "info": _info}
 #: The methods a batch may hold (every endpoint but batch itself).
 METHODS = tuple(_PARSERS)
 
