@@ -77,13 +77,32 @@ class Metrics:
             "not recorded, not recoverable", registry=r)
         self.api_requests = Counter(
             "hub_api_requests", "HTTP API requests (--api-port), by endpoint (publish, "
-            "broadcast, history, batch, info, openapi; other: an unknown path) and HTTP status",
+            "broadcast, history, presence, presence_stats, batch, info, openapi; other: an "
+            "unknown path) and HTTP status",
             ["endpoint", "status"], registry=r)
         self.api_seconds = Histogram(
             "hub_api_request_seconds", "Seconds from an HTTP API request's headers to its "
             "answer, by endpoint", ["endpoint"], registry=r,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                      2.5, 5.0, 10.0))
+        self.presence_events = Counter(
+            "hub_presence_events", "Presence join and leave events this process published "
+            "(each leave by the one process that removed the entry), by event: join, leave",
+            ["event"], registry=r)
+        self.presence_sweeps = Counter(
+            "hub_presence_sweeps", "Presence sweeps this process ran (one per shard store "
+            "per sweep; a failed one included)", registry=r)
+        self.presence_swept = Counter(
+            "hub_presence_swept", "Expired presence entries (of dead or stalled processes) "
+            "this process's sweeps deleted", registry=r)
+        self.presence_recreated = Counter(
+            "hub_presence_recreated", "Presence entries of this process that a refresh "
+            "found missing and created again (swept while the process stalled, or lost by "
+            "Redis): announced as joins again (with join_leave)", registry=r)
+        self.presence_failures = Counter(
+            "hub_presence_failures", "Presence operations that failed (logged, never failing "
+            "a subscribe or unsubscribe), by op: add, remove, refresh, sweep (a store call), "
+            "publish (a join or leave event not published)", ["op"], registry=r)
         self.broker_connect_attempts = _CallbackCounter(
             "hub_broker_connect_attempts", "Attempts to (re)build a broker link, successful or "
             "not")

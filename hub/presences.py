@@ -33,6 +33,11 @@ Events travel through the broker on the channel's reserved presence channel
 channel itself: a backend's ``PUBLISH <prefix><channel>`` is always a message. The event is
 ``{"event":"join"|"leave","client":"<id>","user":"<id>"|null}``; each process turns it into
 the ``join``/``leave`` frame of its local subscribers (:func:`event_frame`).
+
+Metrics (docs/reliability.md, "Observability"): ``hub_presence_events_total{event}`` (events
+this process published), ``hub_presence_sweeps_total`` and ``hub_presence_swept_total`` (its
+sweeps and the entries they deleted), ``hub_presence_recreated_total`` (entries a refresh
+created again) and ``hub_presence_failures_total{op}`` (the failures logged above).
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ import orjson
 from .brokers.base import Broker, Publication
 from .channels import ChannelRules
 from .connection import HubConnection
+from .metrics import Metrics
 from .presence.base import ClientInfo, Presence, PresenceStats
 from .presence.sharded import ShardedPresence
 from .protocol import join_leave_frame
@@ -94,13 +100,14 @@ class Presences:
 
     ``store`` is the presence store (a :class:`~hub.presence.sharded.ShardedPresence` is
     refreshed and swept shard by shard); ``rules`` gives each channel's options; ``registry``
-    the local subscriptions; ``broker`` carries the events; ``spawn`` runs a background task.
-    Call :meth:`start` once the loop runs and :meth:`stop` at the ordered shutdown.
+    the local subscriptions; ``broker`` carries the events; ``spawn`` runs a background task;
+    ``metrics`` counts the events, sweeps and failures (None: a private registry nobody
+    scrapes). Call :meth:`start` once the loop runs and :meth:`stop` at the ordered shutdown.
     """
 
     def __init__(self, store: Presence, rules: ChannelRules, registry: Registry[HubConnection],
-                 broker: Broker, spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]]
-                 ) -> None:
+                 broker: Broker, spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]],
+                 *, metrics: Metrics | None = None) -> None:
         self.store = store
         self.shards: tuple[Presence, ...] = (store.stores if isinstance(store, ShardedPresence)
                                              else (store,))
@@ -117,7 +124,11 @@ class Presences:
                 if o.presence]
         #: Seconds between two refreshes: a third of the smallest presence_ttl.
         self.refresh_interval = min(ttls, default=60.0) / 3
-        self.joins = self.leaves = 0  # events published by this process
+        self.metrics = metrics or Metrics()
+        m = self.metrics
+        self._events = {kind: m.presence_events.labels(kind) for kind in ("join", "leave")}
+        self._failures = {op: m.presence_failures.labels(op)
+                          for op in ("add", "remove", "refresh", "sweep", "publish")}
 
     def keeps_presence(self, channel: str) -> bool:
         """True when ``channel``'s namespace keeps presence."""
@@ -213,6 +224,7 @@ class Presences:
         try:
             created = await self.shard(channel).add(channel, info, ttl=options.presence_ttl)
         except Exception as exc:  # the refresh adds it (and announces it) later
+            self._failures["add"].inc()
             logger.warning("presence add %r failed (the refresh repairs it): %s", channel, exc)
         self.entries.setdefault(channel, {})[info.client] = info
         if created and options.join_leave:
@@ -239,6 +251,7 @@ class Presences:
         try:
             removed = await self.shard(channel).remove(channel, info.client)
         except Exception as exc:  # the sweep reports it within presence_ttl + a sweep
+            self._failures["remove"].inc()
             logger.warning("presence remove %r failed (the sweep reports it): %s", channel,
                            exc)
             return
@@ -250,13 +263,11 @@ class Presences:
         try:
             await self.broker.publish_presence(channel, event_payload(kind, info))
         except Exception as exc:
+            self._failures["publish"].inc()
             logger.warning("presence: the %s of %r could not be published: %s", kind,
                            channel, exc)
             return
-        if kind == "join":
-            self.joins += 1
-        else:
-            self.leaves += 1
+        self._events[kind].inc()
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -289,6 +300,7 @@ class Presences:
             try:
                 created = await self.shards[shard].refresh(entries, ttl=ttl)
             except Exception as exc:
+                self._failures["refresh"].inc()
                 logger.warning("presence refresh of %d entries failed: %s", len(entries), exc)
                 continue
             self._created(created)
@@ -296,6 +308,7 @@ class Presences:
     def _created(self, created: Iterable[tuple[str, ClientInfo]]) -> None:
         for channel, info in created:
             if self.entries.get(channel, {}).get(info.client) == info:
+                self.metrics.presence_recreated.inc()
                 if self.rules.join_leave(channel):
                     self._spawn(self._announce("join", channel, info))
             else:  # left while the refresh ran: the refresh brought it back
@@ -316,13 +329,16 @@ class Presences:
         the number of entries swept. Never raises."""
         swept = 0
         for shard in self.shards:
+            self.metrics.presence_sweeps.inc()
             try:
                 gone = await shard.sweep()
             except Exception as exc:
+                self._failures["sweep"].inc()
                 logger.warning("presence sweep failed: %s", exc)
                 continue
             for channel, infos in gone.items():
                 swept += len(infos)
+                self.metrics.presence_swept.inc(len(infos))
                 if self.rules.join_leave(channel):
                     await asyncio.gather(*(self._announce("leave", channel, info)
                                            for info in infos))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REDIS_SERVER, HubProcess, RedisServer
+from tests.helpers import REDIS_SERVER, Cluster, HubProcess, RedisServer
 
 KINDS = ("unit", "integration", "system")
 TESTS = Path(__file__).resolve().parent
@@ -80,3 +80,26 @@ def hub_factory(tmp_path):
             hub.wait(15)
         except subprocess.TimeoutExpired:
             hub.kill()
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """A real three-master Redis Cluster (:class:`tests.helpers.Cluster`), killed at
+    teardown; tests using it are marked ``cluster``."""
+    nodes = Cluster(tmp_path / "cluster")
+    try:
+        nodes.create()
+        yield nodes
+    finally:
+        nodes.close()
+
+
+@pytest.fixture
+def replicated_cluster(tmp_path):
+    """:func:`cluster` with one replica per master."""
+    nodes = Cluster(tmp_path / "cluster", replicas=1)
+    try:
+        nodes.create()
+        yield nodes
+    finally:
+        nodes.close()

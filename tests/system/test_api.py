@@ -416,3 +416,27 @@ async def test_presence_and_presence_stats(tmp_path, hub_factory, redis_server):
         assert status == 200 and reply["replies"][0] == {"clients": 3, "users": 2}
         assert reply["replies"][1] == error("no_presence")
         assert await post(api, "/api/presence", {"channel": 5}) == (400, error("bad_request"))
+
+
+async def test_request_metrics_count_each_endpoint_and_status(tmp_path, hub_factory):
+    """``hub_api_requests_total{endpoint,status}`` and ``hub_api_request_seconds{endpoint}``
+    on the hub's /metrics: a 200, a 401 and a 404 (an unknown path: ``other``), each counted
+    once under its own labels and nothing else."""
+    from tests.helpers import metric_total  # (kept out of the shared import block)
+
+    hub = api_hub(hub_factory, tmp_path)
+    assert await post(hub, "/api/publish", {"channel": "a", "data": 1}) == (200, {})
+    assert await post(hub, "/api/publish", {"channel": "a", "data": 2}) == (200, {})
+    assert await post(hub, "/api/info", {}, key=None) == (401, error("unauthorized"))
+    assert await post(hub, "/api/nope", {}) == (404, error("not_found"))
+    text = hub.http_get("/metrics")[1].decode()
+    counts = {"publish": ("200", 2), "info": ("401", 1), "other": ("404", 1)}
+    for endpoint, (status, count) in counts.items():
+        labels = {"endpoint": endpoint, "status": status}
+        assert metric(text, "hub_api_requests_total", labels) == count, labels
+        seconds = {"endpoint": endpoint}
+        assert metric(text, "hub_api_request_seconds_count", seconds) == count, endpoint
+        assert metric(text, "hub_api_request_seconds_bucket", {**seconds, "le": "+Inf"}) == count
+        assert 0 < metric(text, "hub_api_request_seconds_sum", seconds) < 60
+    assert metric_total(text, "hub_api_requests_total") == 4
+    assert metric_total(text, "hub_api_request_seconds_count") == 4

@@ -1,8 +1,9 @@
 """Redis Cluster mode (``--redis-cluster``): sharded pub/sub on a real three-master cluster.
 
-The fixture starts three ``redis-server --cluster-enabled yes`` on free loopback ports (client
-and bus port both chosen free), joins them with ``redis-cli --cluster create`` and waits for
-``cluster_state:ok``; every node is killed at teardown. Timings are never asserted.
+The ``cluster`` fixture (tests/conftest.py, :class:`tests.helpers.Cluster`) starts three
+``redis-server --cluster-enabled yes`` on free loopback ports (client and bus port both chosen
+free), joins them with ``redis-cli --cluster create`` and waits for ``cluster_state:ok``; every
+node is killed at teardown. Timings are never asserted.
 """
 
 from __future__ import annotations
@@ -10,182 +11,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
-import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import redis
 from redis.crc import key_slot
 
+import tests.conftest
 from hub import AsyncPublisher, Publisher
 from tests.helpers import (
     ROOT,
+    Cluster,
     command,
     expect_message,
     expect_messages,
-    free_port,
     metric,
     no_message,
     open_ws,
     recv_json,
     subscribe,
-    wait_until,
     wait_until_async,
 )
 
 pytestmark = pytest.mark.cluster
 
 PROBE = ("--probe-interval", "0.5", "--probe-timeout", "1")
-REDIS_SERVER = shutil.which("redis-server")
-REDIS_CLI = shutil.which("redis-cli")
-
-
-class Cluster:
-    """Three masters (each with ``replicas`` replicas) on loopback. A killed master restarts
-    on its port with its own ``nodes.conf``, so it rejoins with the slots it had."""
-
-    def __init__(self, workdir: Path, replicas: int = 0):
-        if REDIS_SERVER is None or REDIS_CLI is None:
-            pytest.fail("redis-server and redis-cli are needed (bash .ci/run installs them)")
-        version = subprocess.run([REDIS_SERVER, "--version"], capture_output=True, text=True,
-                                 timeout=10, check=True).stdout
-        major = int(version.split("v=")[1].split(".")[0])
-        if major < 7:
-            pytest.skip(f"sharded pub/sub needs Redis >= 7, found {version.strip()}")
-        self.workdir = workdir
-        self.replicas = replicas
-        count = 3 * (1 + replicas)
-        ports: set[int] = set()
-        while len(ports) < 2 * count:
-            ports.add(free_port())
-        self.ports, self.bus_ports = sorted(ports)[:count], sorted(ports)[count:]
-        self.procs: dict[int, subprocess.Popen] = {}
-
-    def create(self) -> None:
-        """Start every node, join them into one cluster and wait until it settles."""
-        for port in self.ports:
-            self.start(port)
-        addrs = [f"127.0.0.1:{port}" for port in self.ports]
-        done = subprocess.run([REDIS_CLI, "--cluster", "create", *addrs, "--cluster-replicas",
-                               str(self.replicas), "--cluster-yes"], capture_output=True,
-                              text=True, timeout=60, check=False)
-        assert done.returncode == 0, done.stdout + done.stderr
-        wait_until(self._settled, 30, interval=0.1, what="cluster_state:ok on every node")
-
-    def masters(self, ask: int | None = None) -> list[int]:
-        """Ports of the masters, in slot order, as node ``ask`` sees them."""
-        slots = self.client(ask or self.ports[0]).execute_command("CLUSTER", "SLOTS")
-        return [int(entry[2][1]) for entry in sorted(slots)]
-
-    @property
-    def url(self) -> str:
-        """The seed URL the hubs are given: the first master."""
-        return f"redis://127.0.0.1:{self.ports[0]}/0"
-
-    def start(self, port: int) -> None:
-        bus = self.bus_ports[self.ports.index(port)]
-        node_dir = self.workdir / str(port)
-        node_dir.mkdir(parents=True, exist_ok=True)
-        with open(node_dir / "redis.log", "ab") as log:
-            self.procs[port] = subprocess.Popen(
-                [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1",
-                 "--cluster-enabled", "yes", "--cluster-port", str(bus),
-                 "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000",
-                 "--cluster-require-full-coverage", "no", "--save", "", "--appendonly", "no",
-                 "--dir", str(node_dir)],
-                stdout=log, stderr=subprocess.STDOUT)
-        wait_until(lambda: self._pings(port), 10, what=f"redis-server on {port}")
-
-    def _pings(self, port: int) -> bool:
-        if self.procs[port].poll() is not None:
-            raise AssertionError(f"redis-server {port} exited with {self.procs[port].returncode}")
-        try:
-            return bool(self.client(port, timeout=0.5).ping())
-        except redis.RedisError:
-            return False
-
-    def _settled(self) -> bool:
-        for port in self.ports:
-            info = self.client(port).execute_command("CLUSTER", "INFO").decode()
-            known = f"cluster_known_nodes:{len(self.ports)}"
-            if "cluster_state:ok" not in info or known not in info:
-                return False
-            slots = self.client(port).execute_command("CLUSTER", "SLOTS")
-            if [len(entry) for entry in slots] != [3 + self.replicas] * 3:
-                return False
-        return True
-
-    def client(self, port: int, timeout: float = 5.0) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=timeout,
-                           socket_connect_timeout=timeout)
-
-    def owner(self, channel: str, ask: int | None = None) -> int:
-        """The port of the master that serves hub channel ``channel``, as ``ask`` sees it."""
-        slot = key_slot(f"hub:{channel}".encode())
-        for first, last, (_, port, *_), *_ in self.client(ask or self.ports[0]).execute_command(
-                "CLUSTER", "SLOTS"):
-            if first <= slot <= last:
-                return int(port)
-        raise AssertionError(f"slot {slot} is not served")
-
-    def shardnumsub(self, port: int, channel: str) -> int:
-        reply = self.client(port).execute_command("PUBSUB", "SHARDNUMSUB", f"hub:{channel}")
-        return int(reply[1])
-
-    def spublish(self, channel: str, data: str) -> int:
-        """``redis-cli -c SPUBLISH hub:<channel> <data>`` through the first master."""
-        done = subprocess.run([REDIS_CLI, "-c", "-p", str(self.ports[0]), "SPUBLISH",
-                               f"hub:{channel}", data], capture_output=True, text=True,
-                              timeout=10, check=False)
-        assert done.returncode == 0, done.stderr
-        return int(done.stdout.strip())
-
-    def kill(self, port: int) -> None:
-        proc = self.procs[port]
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGCONT)
-            proc.kill()
-            proc.wait(10)
-
-    def restart(self, port: int) -> None:
-        self.kill(port)
-        self.start(port)
-
-    def move_slot(self, slot: int, src: int, dst: int) -> None:
-        """Give ``slot`` (no keys in it) from master ``src`` to master ``dst``
-        (https://redis.io/docs/latest/commands/cluster-setslot/)."""
-        ids = {p: self.client(p).execute_command("CLUSTER", "MYID").decode() for p in (src, dst)}
-        self.client(dst).execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[src])
-        self.client(src).execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[dst])
-        for port in (dst, src):
-            self.client(port).execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[dst])
-
-    def close(self) -> None:
-        for port in self.procs:
-            self.kill(port)
-
-
-@pytest.fixture
-def cluster(tmp_path):
-    nodes = Cluster(tmp_path / "cluster")
-    try:
-        nodes.create()
-        yield nodes
-    finally:
-        nodes.close()
-
-
-@pytest.fixture
-def replicated_cluster(tmp_path):
-    nodes = Cluster(tmp_path / "cluster", replicas=1)
-    try:
-        nodes.create()
-        yield nodes
-    finally:
-        nodes.close()
+#: The fixture lives in tests/conftest.py; the name stays here for the modules that import it
+#: from this one (tests/system/test_publisher_history.py).
+cluster = tests.conftest.cluster
 
 
 def spread(cluster: Cluster, names: list[str]) -> dict[int, list[str]]:

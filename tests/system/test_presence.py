@@ -2,7 +2,8 @@
 clients (docs/protocol.md, "Presence"): the ``presence`` and ``presence_stats`` ops across
 processes, join and leave frames for subscribe, unsubscribe, disconnect, an ordered shutdown
 and a SIGKILL (the leaves of the dead process's clients within presence_ttl plus a sweep,
-exactly once), the ``no_presence`` error, the embedded broker and three shards."""
+exactly once), the ``no_presence`` error, the embedded broker, three shards, a Redis Cluster
+(channels on every master), and the ``hub_presence_*`` metrics of a real process."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import open_ws, poll
+from tests.helpers import Cluster, metric, open_ws, poll
 
 CONFIG = """\
 [namespaces.chat]
@@ -261,3 +262,172 @@ async def test_three_shards(tmp_path, redis_factory, hub_factory):
         await poll(lambda: _true(all(("leave", "bob") in [x[:2] for x in
                                                                 alice.joins_leaves(c)]
                                            for c in channels)), 5)
+
+
+def cluster_hub(hub_factory, cluster: Cluster, path: str):
+    """A hub on the Redis Cluster ``cluster`` (as tests/system/test_cluster.py starts them)."""
+    return hub_factory("--redis-cluster", "--redis-url", cluster.url, "--probe-interval",
+                       "0.5", "--probe-timeout", "1", "--config", path)
+
+
+def presence_set(reply: dict) -> set[tuple[str, str | None]]:
+    assert reply["type"] == "presence", reply
+    return {(c["client"], c["user"]) for c in reply["clients"]}
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(120)
+async def test_redis_cluster(tmp_path, cluster, hub_factory):
+    """On a three-master Redis Cluster, channels on every master: both processes read the
+    same presence and stats, joins and leaves cross processes, and the clients of a
+    SIGKILLed third process leave within the bound, exactly once (the two live processes
+    sweep every master's index concurrently)."""
+    path = config_file(tmp_path)
+    a = cluster_hub(hub_factory, cluster, path)
+    b = cluster_hub(hub_factory, cluster, path)
+    doomed = cluster_hub(hub_factory, cluster, path)
+    by_master: dict[int, list[str]] = {port: [] for port in cluster.masters()}
+    for n in range(200):  # two channels on each master
+        channel = f"chat:c{n}"
+        owner = by_master[cluster.owner(channel)]
+        if len(owner) < 2:
+            owner.append(channel)
+    channels = [c for names in by_master.values() for c in names]
+    assert len(channels) == 6, by_master
+    async with client(a.ws_url + "?user=alice") as alice, \
+            client(b.ws_url + "?user=bob") as bob, client(b.ws_url) as anon:
+        for who in (alice, bob, anon):
+            for channel in channels:
+                assert (await who.call(op="subscribe", channel=channel))["type"] == "ack"
+        for port, names in by_master.items():  # each channel's entries on its own master
+            for channel in names:
+                assert cluster.client(port).hlen(f"{{hub:{channel}}}:p") == 3, (port, channel)
+        seen: dict[str, set[tuple[str, str | None]]] = {}
+        for channel in channels:  # both processes read the same presence and stats
+            here = presence_set(await alice.call(op="presence", channel=channel))
+            assert here == presence_set(await bob.call(op="presence", channel=channel))
+            assert sorted((u or "") for _, u in here) == ["", "alice", "bob"]
+            for reader in (alice, bob):
+                stats = await reader.call(op="presence_stats", channel=channel)
+                assert (stats["clients"], stats["users"]) == (3, 2), stats
+            seen[channel] = here
+        ids = {u: c for c, u in seen[channels[0]]}
+        assert all({u: c for c, u in s} == ids for s in seen.values())
+        # the joins of b's clients reach alice on a, on every master (bob subscribed after
+        # alice: he sees his own join and anon's)
+        await poll(lambda: _true(all(len(alice.joins_leaves(c)) == 3
+                                     and len(bob.joins_leaves(c)) == 2 for c in channels)), 10)
+        for channel in channels:
+            assert alice.joins_leaves(channel) == [
+                ("join", "alice", ids["alice"]), ("join", "bob", ids["bob"]),
+                ("join", None, ids[None])]
+            assert bob.joins_leaves(channel) == [("join", "bob", ids["bob"]),
+                                                 ("join", None, ids[None])]
+        # an unsubscribe on b: its leave reaches a, once per channel
+        left = [names[0] for names in by_master.values()]
+        for channel in left:
+            assert (await anon.call(op="unsubscribe", channel=channel))["type"] == "ack"
+        await poll(lambda: _true(all(("leave", None, ids[None]) in alice.joins_leaves(c)
+                                     for c in left)), 10)
+        for channel in left:
+            assert presence_set(await alice.call(op="presence", channel=channel)) == {
+                (ids["alice"], "alice"), (ids["bob"], "bob")}
+
+        # SIGKILL of a third process with two clients on every channel
+        victims = []
+        for n in range(2):
+            ws = await open_ws(doomed.ws_url + f"?user=v{n}").__aenter__()
+            victims.append(Client(ws))
+            for channel in channels:
+                await victims[-1].call(op="subscribe", channel=channel)
+        victim_ids = set()
+        for channel in channels:
+            reply = await bob.call(op="presence", channel=channel)
+            mine = {c for c, u in presence_set(reply) if u is not None and u.startswith("v")}
+            assert len(mine) == 2, reply
+            victim_ids |= mine
+        assert len(victim_ids) == 2
+        # the joins of the third process's clients reach both a and b, once each
+        await poll(lambda: _true(all(sum(k == "join" and c in victim_ids
+                                         for k, _, c in w.joins_leaves(ch)) == 2
+                                     for w in (alice, bob) for ch in channels)), 10)
+        await asyncio.sleep(4)  # past one presence_ttl: the refresh keeps them on every master
+        for channel in channels:
+            stats = await alice.call(op="presence_stats", channel=channel)
+            assert stats["users"] == 4, (channel, stats)
+        doomed.kill()
+        killed = time.monotonic()
+
+        def leaves(who: Client, channel: str) -> list[str]:
+            return [c for kind, _, c in who.joins_leaves(channel)
+                    if kind == "leave" and c in victim_ids]
+
+        await poll(lambda: _true(all(set(leaves(w, c)) == victim_ids
+                                     for w in (alice, bob) for c in channels)), LEAVE_BOUND)
+        assert time.monotonic() - killed <= LEAVE_BOUND
+        await asyncio.sleep(6)  # another sweep of each process: no second leave
+        for channel in channels:
+            for who in (alice, bob):
+                assert sorted(leaves(who, channel)) == sorted(victim_ids), channel
+            assert {u for _, u in presence_set(await bob.call(op="presence",
+                                                              channel=channel))} <= {
+                "alice", "bob", None}
+        # every entry of the dead process was swept by exactly one live process
+        swept = [metric(h, "hub_presence_swept_total") for h in (a, b)]
+        assert sum(s or 0 for s in swept) == len(victim_ids) * len(channels), swept
+        for v in victims:
+            v.task.cancel()
+
+
+async def test_metrics(tmp_path, redis_server, hub_factory):
+    """``hub_presence_*`` on /metrics of real processes: the join and leave events each
+    published, the sweeps and what they removed (a SIGKILLed process's entries), a failed
+    ``add`` (Redis out of memory) counted and repaired by the refresh, which announces it."""
+    path = config_file(tmp_path)
+    a = hub_factory("--config", path, redis=redis_server)
+    doomed = hub_factory("--config", path, redis=redis_server)
+    events = "hub_presence_events_total"
+    async with client(a.ws_url + "?user=alice") as alice, client(a.ws_url + "?user=bob") as bob:
+        await alice.call(op="subscribe", channel="chat:m")
+        await bob.call(op="subscribe", channel="chat:m")
+        await poll(lambda: _true(len(alice.joins_leaves("chat:m")) == 2), 5)
+        await bob.call(op="unsubscribe", channel="chat:m")
+        await poll(lambda: _true(len(alice.joins_leaves("chat:m")) == 3), 5)
+        assert metric(a, events, {"event": "join"}) == 2
+        assert metric(a, events, {"event": "leave"}) == 1
+        await bob.call(op="subscribe", channel="big:m")  # join_leave = false: no event
+        assert metric(a, events, {"event": "join"}) == 2
+        assert metric(a, "hub_presence_failures_total", {"op": "add"}) == 0
+
+        async with client(doomed.ws_url + "?user=v") as victim:
+            await victim.call(op="subscribe", channel="chat:m")
+            await poll(lambda: _true(len(alice.joins_leaves("chat:m")) == 4), 5)
+            assert metric(doomed, events, {"event": "join"}) == 1
+            assert metric(a, events, {"event": "join"}) == 2  # published by doomed
+            doomed.kill()
+            await poll(lambda: _true(("leave", "v") in [x[:2] for x in
+                                                         alice.joins_leaves("chat:m")]),
+                       LEAVE_BOUND)
+        assert metric(a, "hub_presence_swept_total") == 1
+        assert metric(a, events, {"event": "leave"}) == 2
+        assert (metric(a, "hub_presence_sweeps_total") or 0) >= 1
+
+        # Redis refuses writes: the add fails (counted), the subscribe still succeeds; once
+        # Redis accepts writes again the refresh creates the entry and announces the join
+        redis = redis_server.client()
+        redis.config_set("maxmemory", 1)
+        try:
+            async with client(a.ws_url + "?user=carol") as carol:
+                assert (await carol.call(op="subscribe", channel="chat:m"))["type"] == "ack"
+                assert metric(a, "hub_presence_failures_total", {"op": "add"}) == 1
+                assert users(await alice.call(op="presence", channel="chat:m")) == ["alice"]
+                redis.config_set("maxmemory", 0)
+                await poll(lambda: _true(("join", "carol") in [x[:2] for x in
+                                                               alice.joins_leaves("chat:m")]),
+                           5)
+                assert metric(a, "hub_presence_recreated_total") == 1
+                assert metric(a, events, {"event": "join"}) == 3
+                assert users(await alice.call(op="presence", channel="chat:m")) == [
+                    "alice", "carol"]
+        finally:
+            redis.config_set("maxmemory", 0)
