@@ -80,7 +80,8 @@ class Node:
         self.streams = (Streams(history, self.rules, self.registry, self.deliver, self.spawn,
                                 self.metrics) if history is not None else None)
         #: The presence channels (None without a presence store): hub.presences.
-        self.presences = (Presences(presence, self.rules, self.registry, broker, self.spawn)
+        self.presences = (Presences(presence, self.rules, self.registry, broker, self.spawn,
+                                    metrics=self.metrics)
                           if presence is not None else None)
         #: The control channel: commands for every process, heartbeats (hub.control).
         self.control = Control(self, version=version)
