@@ -39,7 +39,15 @@ from .history.base import History
 from .metrics import Metrics
 from .presence.base import Presence
 from .presences import Presences, event_frame
-from .protocol import CLOSE_SLOW_CONSUMER, gap_frame, message_frame, payload_to_json
+from .protocol import (
+    CLOSE_SLOW_CONSUMER,
+    ENVELOPE_MARK,
+    MAX_ENVELOPE_OVERHEAD,
+    gap_frame,
+    message_frame,
+    payload_to_json,
+    unpack_payload,
+)
 from .registry import Registry
 from .streams import Catchup, Streams
 
@@ -165,18 +173,26 @@ class Node:
 
     def deliver(self, publication: Publication, conns: Iterable[HubConnection]) -> None:
         """Write ``publication`` to ``conns`` (one frame for all; its offset in it when it has
-        one), unless its payload is over ``max_payload_bytes``."""
+        one, its sender when it is a client publish's envelope), unless its data is over
+        ``max_payload_bytes``."""
         channel = publication.channel
         payload = publication.payload
         limit = self.max_payload_bytes
-        if len(payload) > limit:  # checked before parsing it: the JSON string is never shorter
-            self._drop_too_large(channel, len(payload))
-            return
-        data = payload_to_json(payload)
+        sender: bytes | None = None
+        if payload[:1] == ENVELOPE_MARK:  # a client publish (or a payload that looks like it)
+            if len(payload) > limit + MAX_ENVELOPE_OVERHEAD:
+                self._drop_too_large(channel, len(payload))
+                return
+            data, sender = unpack_payload(payload)
+        else:
+            if len(payload) > limit:  # checked before parsing: the JSON string is never shorter
+                self._drop_too_large(channel, len(payload))
+                return
+            data = payload_to_json(payload)
         if len(data) > limit:
             self._drop_too_large(channel, len(data))
             return
-        frame = message_frame(orjson.dumps(channel), data, publication.offset)
+        frame = message_frame(orjson.dumps(channel), data, publication.offset, sender)
         # A connection whose write buffer passes --max-buffer-bytes during this call is
         # reported by its transport (pause_writing) and dropped right after: see
         # hub.connection.HubConnection.pause_writing. No per-recipient check here.

@@ -10,12 +10,13 @@ frames). Server frames are built as bytes once and sent as text frames.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import orjson
 
-from .brokers.base import StreamPosition
+from .brokers.base import Publication, StreamPosition
 from .channels import RESERVED_PREFIXES
 from .exceptions import ProtocolError
 
@@ -31,7 +32,10 @@ __all__ = [
     "CLOSE_SLOW_CONSUMER",
     "CLOSE_TOKEN_EXPIRED",
     "CLOSE_TOO_MANY_CONNECTIONS",
+    "ENVELOPE_MARK",
     "ERROR_CODES",
+    "MAX_ENVELOPE_OVERHEAD",
+    "MAX_FROM_BYTES",
     "MAX_HISTORY_LIMIT",
     "MAX_PUBLISH_MEMBERS",
     "MAX_TOKEN_BYTES",
@@ -51,10 +55,13 @@ __all__ = [
     "check_channel",
     "connect_ack_frame",
     "data_span",
+    "decode_envelope",
     "encode_data",
+    "encode_envelope",
     "error_frame",
     "gap_frame",
     "history_frame",
+    "history_items",
     "join_leave_frame",
     "message_frame",
     "parse_command",
@@ -66,6 +73,7 @@ __all__ = [
     "presence_stats_frame",
     "stream_gap_frame",
     "subscribed_frame",
+    "unpack_payload",
     "unsubscribed_frame",
 ]
 
@@ -485,8 +493,9 @@ def check_channel(name: object, cid: object = None) -> str:
 
 
 def payload_to_json(payload: bytes) -> bytes:
-    """The ``data`` JSON of a broker payload: the payload itself if it is valid JSON, else the
-    payload as a JSON string (invalid UTF-8 replaced by U+FFFD). Nothing is dropped."""
+    """The ``data`` JSON of an ordinary broker payload (not an envelope): the payload itself
+    if it is valid JSON, else the payload as a JSON string (invalid UTF-8 replaced by
+    U+FFFD). Nothing is dropped."""
     try:
         orjson.loads(payload)
         return payload
@@ -494,14 +503,79 @@ def payload_to_json(payload: bytes) -> bytes:
         return orjson.dumps(payload.decode("utf-8", "replace"))
 
 
-def message_frame(channel_json: bytes, data_json: bytes, offset: int | None = None) -> bytes:
+#: The first byte of a client publish's broker payload, an *envelope* (docs/protocol.md
+#: section 6): ``ENVELOPE_MARK + <from JSON> + ENVELOPE_MARK + <data JSON>``. No JSON text
+#: starts with it (nor holds it raw), so no JSON payload of a backend is ever taken for one.
+ENVELOPE_MARK = b"\x00"
+#: Longest ``<from JSON>`` of an envelope, in bytes (a user id is at most 123 characters, a
+#: connection id a UUID); a longer one makes the payload an ordinary one.
+MAX_FROM_BYTES = 512
+#: The most an envelope adds to its data: the two marks and the longest ``<from JSON>``.
+MAX_ENVELOPE_OVERHEAD = MAX_FROM_BYTES + 2
+
+
+def encode_envelope(user: str | None, client: str, data: bytes) -> bytes:
+    """The broker payload of a client publish: ``\\x00{"user":..,"client":..}\\x00<data>``.
+
+    ``user`` is the publisher's user id (None: anonymous), ``client`` its connection id,
+    ``data`` the JSON text of the message (UTF-8, as :class:`Publish` holds it). Subscribers
+    then get ``"from":{"user":..,"client":..}`` next to ``data`` (:func:`unpack_payload`).
+    Raises ValueError when the sender's JSON is over :data:`MAX_FROM_BYTES` bytes.
+    """
+    sender = orjson.dumps({"user": user, "client": client})
+    if len(sender) > MAX_FROM_BYTES:
+        raise ValueError(f"the sender's JSON is over {MAX_FROM_BYTES} bytes")
+    return ENVELOPE_MARK + sender + ENVELOPE_MARK + data
+
+
+def decode_envelope(payload: bytes) -> tuple[bytes, bytes] | None:
+    """``(data JSON, from JSON)`` of an envelope (:func:`encode_envelope`), or None when
+    ``payload`` is not a well-formed one: it does not start with :data:`ENVELOPE_MARK`, has
+    no second mark within :data:`MAX_FROM_BYTES` bytes, its sender is not a JSON object of
+    exactly ``"user"`` (a string or null) and ``"client"`` (a string), or its data is not
+    valid JSON (section 6's definition). The from JSON returned is orjson's own compact
+    ``{"user":..,"client":..}``, whatever the envelope's spelling."""
+    if payload[:1] != ENVELOPE_MARK:
+        return None
+    end = payload.find(ENVELOPE_MARK, 1, MAX_FROM_BYTES + 2)
+    if end < 0:
+        return None
+    data = payload[end + 1:]
+    try:
+        sender = orjson.loads(payload[1:end])
+        orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(sender, dict) or len(sender) != 2:
+        return None
+    user, client = sender.get("user"), sender.get("client")
+    if not isinstance(client, str) or not (user is None or isinstance(user, str)):
+        return None
+    return data, orjson.dumps({"user": user, "client": client})
+
+
+def unpack_payload(payload: bytes) -> tuple[bytes, bytes | None]:
+    """``(data JSON, from JSON or None)`` of any broker or history payload, as delivered: an
+    envelope's data and sender (:func:`decode_envelope`), else :func:`payload_to_json` of
+    the whole payload and None (a backend publish; a malformed envelope too)."""
+    if payload[:1] == ENVELOPE_MARK:
+        parts = decode_envelope(payload)
+        if parts is not None:
+            return parts
+    return payload_to_json(payload), None
+
+
+def message_frame(channel_json: bytes, data_json: bytes, offset: int | None = None,
+                  from_json: bytes | None = None) -> bytes:
     """``{"type":"message","channel":...,"data":...}`` from the already-encoded channel name
-    and data, with ``"offset":N`` on a history channel. Built once per message per process,
-    never per recipient."""
-    if offset is None:
-        return b'{"type":"message","channel":' + channel_json + b',"data":' + data_json + b"}"
-    return (b'{"type":"message","channel":' + channel_json + b',"data":' + data_json
-            + b',"offset":%d}' % offset)
+    and data, with ``"offset":N`` on a history channel and ``"from":{"user":..,"client":..}``
+    (``from_json``, already encoded) for a client publish. Built once per message per
+    process, never per recipient."""
+    tail = b"}" if offset is None else b',"offset":%d}' % offset
+    if from_json is not None:
+        tail = tail[:-1] + b',"from":' + from_json + b"}"
+    return b"".join((b'{"type":"message","channel":', channel_json, b',"data":', data_json,
+                     tail))
 
 
 def position_ack_frame(cid: object, offset: int, epoch: str,
@@ -516,13 +590,24 @@ def position_ack_frame(cid: object, offset: int, epoch: str,
 
 
 def history_frame(cid: object, channel: str, offset: int, epoch: str,
-                  messages: list[tuple[int, bytes]]) -> bytes:
+                  messages: list[tuple[int, bytes, bytes | None]]) -> bytes:
     """``{"type":"history","id":..,"channel":..,"offset":N,"epoch":"..","messages":[{"offset":
-    ..,"data":..},...]}``; ``messages`` are ``(offset, data JSON)`` pairs, oldest first."""
+    ..,"data":..},...]}``; ``messages`` are ``(offset, data JSON, from JSON or None)``
+    triples, oldest first (:func:`history_items`); a message with a sender (a client
+    publish) carries ``"from":{"user":..,"client":..}``."""
     head = orjson.dumps({"type": "history", "id": cid, "channel": channel, "offset": offset,
                          "epoch": epoch})
-    items = b",".join(b'{"offset":%d,"data":%s}' % (o, data) for o, data in messages)
+    items = b",".join(b'{"offset":%d,"data":%s}' % (o, data) if sender is None
+                      else b'{"offset":%d,"data":%s,"from":%s}' % (o, data, sender)
+                      for o, data, sender in messages)
     return head[:-1] + b',"messages":[' + items + b"]}"
+
+
+def history_items(publications: Iterable[Publication]) -> list[tuple[int, bytes, bytes | None]]:
+    """``(offset, data JSON, from JSON or None)`` of each publication of a history read
+    (:func:`unpack_payload`), in order: the ``messages`` of :func:`history_frame` and of the
+    HTTP API's history answer."""
+    return [(p.offset or 0, *unpack_payload(p.payload)) for p in publications]
 
 
 def unsubscribed_frame(channel: str, reason: str) -> bytes:

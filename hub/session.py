@@ -44,11 +44,12 @@ from .protocol import (
     Unsubscribe,
     ack_frame,
     connect_ack_frame,
+    encode_envelope,
     error_frame,
     history_frame,
+    history_items,
     parse_command,
     parse_connect,
-    payload_to_json,
     pong_frame,
     position_ack_frame,
     presence_frame,
@@ -336,8 +337,11 @@ class Sessions:
                 if key is not None and not self.node.keeps_history(channel):
                     raise ProtocolError("no_history", "idempotency_key needs a history "
                                         "channel", cid)
+                # The envelope names the sender (docs/protocol.md section 6): subscribers
+                # get "from", which nothing in data can change.
+                payload = encode_envelope(conn.user, str(conn.id), data)
                 try:
-                    result = await self.node.publish(channel, data, key)
+                    result = await self.node.publish(channel, payload, key)
                 except BrokerUnavailable as exc:
                     raise ProtocolError("unavailable", str(exc), cid) from None
                 if isinstance(result, StreamPosition):
@@ -393,8 +397,7 @@ class Sessions:
         except Exception as exc:
             raise ProtocolError("unavailable", f"history unavailable: {exc}", cid) from None
         return history_frame(cid, channel, read.position.offset, read.position.epoch,
-                             [(p.offset or 0, payload_to_json(p.payload))
-                              for p in read.publications])
+                             history_items(read.publications))
 
     async def _presence(self, conn: HubConnection, channel: str, cid: CommandId, *,
                         stats: bool) -> bytes:

@@ -35,7 +35,7 @@ from ..node import Node
 from ..presence.base import ClientInfo
 from ..presence.base import PresenceStats as PresenceStats_
 from ..presences import Presences
-from ..protocol import payload_to_json
+from ..protocol import history_items
 from .commands import (
     Batch,
     Broadcast,
@@ -247,7 +247,7 @@ class ApiServer:
             raise ApiError("too_large", f"the body is over --api-max-body-bytes "
                            f"({self.max_body_bytes})") from None
         command = parse_command(method, parse_body(body),
-                                max_payload_bytes=self.max_payload_bytes)
+                                max_payload_bytes=self.max_payload_bytes, body=body)
         reply = await self.execute(command)
         return web.Response(body=orjson.dumps(reply), content_type=_JSON)
 
@@ -327,10 +327,14 @@ class ApiServer:
             read = await streams.read(channel, since=since, limit=limit)
         except Exception as exc:
             raise ApiError("unavailable", f"history unavailable: {exc}") from None
+        messages: list[dict[str, Any]] = []
+        for offset, data, sender in history_items(read.publications):
+            message = {"offset": offset, "data": orjson.Fragment(data)}
+            if sender is not None:  # a client publish: who sent it
+                message["from"] = orjson.Fragment(sender)
+            messages.append(message)
         return {"offset": read.position.offset, "epoch": read.position.epoch,
-                "messages": [{"offset": p.offset or 0,
-                              "data": orjson.Fragment(payload_to_json(p.payload))}
-                             for p in read.publications]}
+                "messages": messages}
 
     async def _control(self, payload: bytes) -> dict[str, Any]:
         """Publish a control message for every process (:mod:`hub.control`); the reply says

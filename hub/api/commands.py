@@ -4,8 +4,10 @@ Every body is a JSON object (an empty body counts as ``{}``); an unknown field i
 (``bad_request``), so that a misspelt ``idempotency_key`` is never dropped silently. The
 field rules are those of the WebSocket commands (docs/protocol.md section 3): channel names
 of :func:`hub.protocol.check_channel`, ``limit`` 1 to 1000, ``since`` ``{offset, epoch}``,
-``idempotency_key`` 1 to 64 characters. ``data`` is any JSON value, serialised again by
-orjson (so an integer past 64 bits arrives as a float: send such numbers as strings).
+``idempotency_key`` 1 to 64 characters. ``data`` is any JSON value; the data of
+``publish`` and ``broadcast`` is the request's own JSON text of it (as a WebSocket publish's:
+:func:`hub.protocol.data_span`), so ``10**30+1``, ``1.0`` and ``-0`` arrive as written; a
+batch's ``data`` is serialised again by orjson (an integer past 64 bits becomes a float).
 """
 
 from __future__ import annotations
@@ -20,7 +22,13 @@ from ..auth import check_user_id
 from ..brokers.base import StreamPosition
 from ..control import check_close
 from ..exceptions import AuthError, ProtocolError
-from ..protocol import MAX_EPOCH_LEN, MAX_HISTORY_LIMIT, MAX_IDEMPOTENCY_KEY_LEN, check_channel
+from ..protocol import (
+    MAX_EPOCH_LEN,
+    MAX_HISTORY_LIMIT,
+    MAX_IDEMPOTENCY_KEY_LEN,
+    check_channel,
+    data_span,
+)
 from .errors import ApiError
 
 __all__ = [
@@ -92,19 +100,22 @@ def parse_body(body: bytes) -> dict[str, Any]:
     return obj
 
 
-def parse_command(method: str, obj: Mapping[str, Any], *, max_payload_bytes: float
-                  ) -> Command:
+def parse_command(method: str, obj: Mapping[str, Any], *, max_payload_bytes: float,
+                  body: bytes | None = None) -> Command:
     """The command of endpoint ``method`` (``publish``, ``broadcast``, ``history``,
     ``presence``, ``presence_stats``, ``subscribe``, ``unsubscribe``, ``disconnect``,
     ``channels``, ``info``, ``batch``) for the body ``obj``. A ``data`` whose JSON is over
-    ``max_payload_bytes`` is ``too_large`` (the hub would deliver it to nobody).
+    ``max_payload_bytes`` is ``too_large`` (the hub would deliver it to nobody). ``body`` is
+    the request body ``obj`` was parsed from (:func:`parse_body`): given, the ``data`` of a
+    ``publish`` or ``broadcast`` is its exact JSON text there; None: ``obj["data"]``
+    serialised by orjson.
     Raises :class:`ApiError`."""
     if method == "batch":
         return _batch(obj, max_payload_bytes)
     parser = _PARSERS.get(method)
     if parser is None:
         raise ApiError("bad_request", f"unknown method {method[:32]!r}")
-    return parser(obj, max_payload_bytes)
+    return parser(obj, max_payload_bytes, body)
 
 
 def _fields(obj: Mapping[str, Any], required: tuple[str, ...], optional: tuple[str, ...] = ()
@@ -124,18 +135,28 @@ def _channel(value: object) -> str:
         raise ApiError(exc.code, exc.message) from None
 
 
-def _data(obj: Mapping[str, Any], limit: float) -> bytes:
-    try:
-        data = orjson.dumps(obj["data"])
-    except (TypeError, orjson.JSONEncodeError) as exc:  # not reachable from parsed JSON
-        raise ApiError("bad_request", f"data cannot be serialised: {exc}") from None
+def _data(obj: Mapping[str, Any], limit: float, body: bytes | None) -> bytes:
+    """The JSON of ``obj["data"]``: its text in ``body`` (the body ``obj`` was parsed from)
+    when given, else orjson's serialisation; ``too_large`` past ``limit`` bytes."""
+    if body is not None:
+        text = body.decode()  # valid UTF-8: orjson parsed it
+        try:
+            start, end = data_span(text)
+        except ValueError as exc:  # more members than a publish may have
+            raise ApiError("bad_request", str(exc)) from None
+        data = text[start:end].encode()
+    else:
+        try:
+            data = orjson.dumps(obj["data"])
+        except (TypeError, orjson.JSONEncodeError) as exc:  # not reachable from parsed JSON
+            raise ApiError("bad_request", f"data cannot be serialised: {exc}") from None
     if len(data) > limit:
         raise ApiError("too_large", f"data is {len(data)} bytes of JSON, over "
                        f"--max-payload-bytes ({limit:g})")
     return data
 
 
-def _publish(obj: Mapping[str, Any], limit: float) -> Publish:
+def _publish(obj: Mapping[str, Any], limit: float, body: bytes | None = None) -> Publish:
     _fields(obj, ("channel", "data"), ("idempotency_key",))
     channel = _channel(obj["channel"])
     key = obj.get("idempotency_key")
@@ -144,10 +165,11 @@ def _publish(obj: Mapping[str, Any], limit: float) -> Publish:
         # null too: the document says a string, and a client sending null meant something
         raise ApiError("bad_request", f"idempotency_key must be a string of 1 to "
                        f"{MAX_IDEMPOTENCY_KEY_LEN} characters")
-    return Publish(channel, _data(obj, limit), key)
+    return Publish(channel, _data(obj, limit, body), key)
 
 
-def _broadcast(obj: Mapping[str, Any], limit: float) -> Broadcast:
+def _broadcast(obj: Mapping[str, Any], limit: float, body: bytes | None = None
+               ) -> Broadcast:
     _fields(obj, ("channels", "data"))
     channels = obj["channels"]
     if not isinstance(channels, list) or not 1 <= len(channels) <= MAX_BROADCAST_CHANNELS:
@@ -156,10 +178,10 @@ def _broadcast(obj: Mapping[str, Any], limit: float) -> Broadcast:
     names = tuple(_channel(c) for c in channels)
     if len(set(names)) != len(names):
         raise ApiError("bad_request", "a channel is listed twice")
-    return Broadcast(names, _data(obj, limit))
+    return Broadcast(names, _data(obj, limit, body))
 
 
-def _history(obj: Mapping[str, Any], limit: float) -> History:
+def _history(obj: Mapping[str, Any], limit: float, body: bytes | None = None) -> History:
     _fields(obj, ("channel",), ("limit", "since"))
     channel = _channel(obj["channel"])
     count = obj.get("limit", 100)  # present and null is refused below, as the document says
@@ -190,17 +212,18 @@ class PresenceStats:
     channel: str
 
 
-def _presence(obj: Mapping[str, Any], limit: float) -> Presence:
+def _presence(obj: Mapping[str, Any], limit: float, body: bytes | None = None) -> Presence:
     _fields(obj, ("channel",))
     return Presence(_channel(obj["channel"]))
 
 
-def _presence_stats(obj: Mapping[str, Any], limit: float) -> PresenceStats:
+def _presence_stats(obj: Mapping[str, Any], limit: float, body: bytes | None = None
+                    ) -> PresenceStats:
     _fields(obj, ("channel",))
     return PresenceStats(_channel(obj["channel"]))
 
 
-def _info(obj: Mapping[str, Any], limit: float) -> Info:
+def _info(obj: Mapping[str, Any], limit: float, body: bytes | None = None) -> Info:
     _fields(obj, ())
     return Info()
 
@@ -240,17 +263,17 @@ def _user(value: object) -> str:
         raise ApiError("bad_request", str(exc)) from None
 
 
-def _subscribe(obj: Mapping[str, Any], limit: float) -> Subscribe:
+def _subscribe(obj: Mapping[str, Any], limit: float, body: bytes | None = None) -> Subscribe:
     _fields(obj, ("user", "channel"))
     return Subscribe(_user(obj["user"]), _channel(obj["channel"]))
 
 
-def _unsubscribe(obj: Mapping[str, Any], limit: float) -> Unsubscribe:
+def _unsubscribe(obj: Mapping[str, Any], limit: float, body: bytes | None = None) -> Unsubscribe:
     _fields(obj, ("user", "channel"))
     return Unsubscribe(_user(obj["user"]), _channel(obj["channel"]))
 
 
-def _disconnect(obj: Mapping[str, Any], limit: float) -> Disconnect:
+def _disconnect(obj: Mapping[str, Any], limit: float, body: bytes | None = None) -> Disconnect:
     _fields(obj, ("user",), ("code", "reason"))
     user = _user(obj["user"])
     if ("code" in obj and obj["code"] is None) or ("reason" in obj and obj["reason"] is None):
@@ -262,7 +285,7 @@ def _disconnect(obj: Mapping[str, Any], limit: float) -> Disconnect:
     return Disconnect(user, code, reason)
 
 
-def _channels(obj: Mapping[str, Any], limit: float) -> Channels:
+def _channels(obj: Mapping[str, Any], limit: float, body: bytes | None = None) -> Channels:
     _fields(obj, (), ("pattern",))
     pattern = obj.get("pattern")
     if "pattern" in obj and (not isinstance(pattern, str) or not pattern
@@ -276,7 +299,8 @@ _Simple = (Publish | Broadcast | History | Presence | PresenceStats | Info | Sub
            | Unsubscribe | Disconnect | Channels)
 #: One API command: what an endpoint (or one entry of a batch) asks for.
 Command = _Simple | Batch
-_PARSERS: dict[str, Callable[[Mapping[str, Any], float], _Simple]] = {
+#: Each takes the body object, --max-payload-bytes and the body's bytes (None in a batch).
+_PARSERS: dict[str, Callable[[Mapping[str, Any], float, bytes | None], _Simple]] = {
     "publish": _publish, "broadcast": _broadcast, "history": _history, "presence": _presence,
     "presence_stats": _presence_stats, "subscribe": _subscribe, "unsubscribe": _unsubscribe,
     "disconnect": _disconnect, "channels": _channels, "info": _info}
@@ -304,7 +328,7 @@ def _batch(obj: Mapping[str, Any], limit: float) -> Batch:
                                f"{', '.join(METHODS)}")
             if not isinstance(params, dict):
                 raise ApiError("bad_request", "params must be an object")
-            parsed.append(_PARSERS[method](params, limit))
+            parsed.append(_PARSERS[method](params, limit, None))
         except ApiError as exc:
             raise exc.prefixed(where) from None
     return Batch(tuple(parsed))

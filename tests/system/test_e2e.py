@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from unittest.mock import ANY
 
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -114,10 +115,13 @@ async def test_client_publish_across_processes(redis_server, hub_factory):
         await a.send(json.dumps({"op": "publish", "channel": "chat:room1",
                                  "data": {"text": "hi"}, "id": 3}))
         frames = [await recv_json(a), await recv_json(a)]
-        # The publisher, subscribed itself, receives its own message (and its ack).
+        # The publisher, subscribed itself, receives its own message (and its ack), with
+        # who sent it (docs/protocol.md section 4).
+        sent = {**message("chat:room1", {"text": "hi"}), "from": {"user": "alice",
+                                                                  "client": ANY}}
         assert {"type": "ack", "id": 3} in frames
-        assert message("chat:room1", {"text": "hi"}) in frames
-        assert await recv_json(b) == message("chat:room1", {"text": "hi"})
+        assert sent in frames
+        assert await recv_json(b) == sent
         # Exact names and prefixes; anything else is forbidden.
         assert (await command(a, op="publish", channel="lobby", data=1, id=4))["type"] == "ack"
         reply = await command(b, op="publish", channel="lobby", data=1, id=5)
@@ -253,9 +257,10 @@ async def test_embedded_broker_without_redis(hub_factory):
     async with open_ws(hub.ws_url + "?user=a") as a, open_ws(hub.ws_url + "?user=b") as b:
         await subscribe(a, "room")
         await subscribe(b, "room")
+        sent = {**message("room", {"n": 1}), "from": {"user": "a", "client": ANY}}
         assert await command(a, op="publish", channel="room", data={"n": 1}, id=2) in (
-            {"type": "ack", "id": 2}, message("room", {"n": 1}))
-        assert message("room", {"n": 1}) in [await recv_json(b)]
+            {"type": "ack", "id": 2}, sent)
+        assert sent in [await recv_json(b)]
     assert "authentication is OFF" in hub.log_text()
 
 

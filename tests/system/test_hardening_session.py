@@ -16,6 +16,7 @@ import json
 import os
 import struct
 import time
+from unittest.mock import ANY
 
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -107,7 +108,7 @@ async def bystander_keeps_receiving(hub, publisher, subscriber, stop: asyncio.Ev
         await publisher.send(json.dumps({"op": "publish", "channel": "news", "data": n, "id": n}))
         assert await recv_json(publisher, 10) == {"type": "ack", "id": n}
         assert await recv_json(subscriber, 10) == {"type": "message", "channel": "news",
-                                                   "data": n}
+                                                   "data": n, "from": ANY}
         n += 1
         await asyncio.sleep(0.01)
     return n

@@ -8,6 +8,7 @@ import json
 import random
 import subprocess
 import time
+from unittest.mock import ANY
 
 import pytest
 
@@ -28,6 +29,10 @@ history_ttl = 600
 history_size = 100
 history_ttl = 600
 """
+
+
+#: The ``from`` of a client publish by the connection ``?user=b`` (its id is the hub's).
+FROM_B = {"user": "b", "client": ANY}
 
 
 def config_file(tmp_path) -> str:
@@ -77,8 +82,9 @@ async def test_offsets_backlog_history_and_recovery(tmp_path, redis_factory, hub
         assert [m["offset"] for m in await messages(b, 2)] == [2, 3]
         history = await command(b, op="history", channel="chat:1", id=3, limit=2)
         assert history == {"type": "history", "id": 3, "channel": "chat:1", "offset": 3,
-                           "epoch": epoch, "messages": [{"offset": 2, "data": {"n": 1}},
-                                                        {"offset": 3, "data": {"n": 2}}]}
+                           "epoch": epoch, "messages": [
+                               {"offset": 2, "data": {"n": 1}, "from": FROM_B},
+                               {"offset": 3, "data": {"n": 2}, "from": FROM_B}]}
         history = await command(b, op="history", channel="chat:1", id=4, limit=10,
                                 since={"offset": 2, "epoch": epoch})
         assert [m["offset"] for m in history["messages"]] == [3]

@@ -94,8 +94,10 @@ async def test_client_publish_to_the_personal_channel_reaches_an_in_band_connect
         assert (await connect(alice, make_token(SECRET, "alice")))["type"] == "ack"
         assert await send_recv(bob, {"op": "publish", "channel": "user:alice", "data": "hi",
                                      "id": 1}) == {"type": "ack", "id": 1}
-        assert await recv_json(alice) == {"type": "message", "channel": "user:alice",
-                                          "data": "hi"}
+        got = await recv_json(alice)
+        assert got == {"type": "message", "channel": "user:alice", "data": "hi",
+                       "from": {"user": "bob", "client": got["from"]["client"]}}
+        assert isinstance(got["from"]["client"], str)
 
 
 async def test_an_invalid_connect_token_closes_with_4002(jwt_hub):

@@ -122,7 +122,9 @@ async def test_workers_share_the_port_and_deliver_across_workers(redis_server, h
         await subscribe(receiver, "room1", id=2)
         await sender.send(json.dumps({"op": "publish", "channel": "room1", "data": "hi", "id": 3}))
         assert await recv_json(sender) == {"type": "ack", "id": 3}
-        assert await recv_json(receiver) == {"type": "message", "channel": "room1", "data": "hi"}
+        got = await recv_json(receiver)
+        assert got == {"type": "message", "channel": "room1", "data": "hi",
+                       "from": {"user": "alice", "client": got["from"]["client"]}}, got
     finally:
         await close_all(clients)
 

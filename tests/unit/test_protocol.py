@@ -6,7 +6,10 @@ import json
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from hub.brokers.base import Publication
 from hub.channels import channel_matches
 from hub.exceptions import ProtocolError
 from hub.protocol import (
@@ -16,11 +19,16 @@ from hub.protocol import (
     Unsubscribe,
     ack_frame,
     check_channel,
+    decode_envelope,
+    encode_envelope,
     error_frame,
     gap_frame,
+    history_frame,
+    history_items,
     message_frame,
     parse_command,
     payload_to_json,
+    unpack_payload,
 )
 
 
@@ -133,3 +141,94 @@ def test_presence_ops_frames_and_events():
     for bad in (b"nope", b"[]", b'{"event":"hello","client":"x"}', b'{"event":"join"}',
                 b'{"event":"join","client":"x","user":5}'):
         assert event_frame(Publication("c", bad, presence=True)) is None
+
+
+# -- the envelope of a client publish (docs/protocol.md section 6) -------------------------
+
+def test_envelope_round_trip():
+    data = b'{"text":"hi","n":1000000000000000000000000000001,"x":1.0,"z":-0}'
+    payload = encode_envelope("alice", "c-1", data)
+    assert payload == b'\x00{"user":"alice","client":"c-1"}\x00' + data
+    assert decode_envelope(payload) == (data, b'{"user":"alice","client":"c-1"}')
+    assert unpack_payload(payload) == (data, b'{"user":"alice","client":"c-1"}')
+    anonymous = encode_envelope(None, "c-2", b'"\\u0000"')  # an escaped NUL in data
+    assert unpack_payload(anonymous) == (b'"\\u0000"', b'{"user":null,"client":"c-2"}')
+    # the sender as any spelling of the same object: re-encoded compactly
+    spelled = b'\x00 { "client" : "c" , "user" : "b" } \x00[1]'
+    assert decode_envelope(spelled) == (b"[1]", b'{"user":"b","client":"c"}')
+
+
+def test_backend_payloads_are_never_envelopes():
+    for payload in (b'{"from":{"user":"x","client":"y"},"data":1}', b'"\\u0000"', b"",
+                    b"plain", b"[0]", b"\xff"):
+        assert decode_envelope(payload) is None
+        assert unpack_payload(payload) == (payload_to_json(payload), None)
+
+
+@pytest.mark.parametrize("payload", [
+    b"\x00",                                            # nothing after the mark
+    b"\x00{}",                                          # no second mark
+    b'\x00{"user":"a","client":"c"}',                   # no second mark
+    b'\x00{"user":"a","client":"c"}\x00',               # no data
+    b'\x00{"user":"a","client":"c"}\x00{',              # data not JSON
+    b'\x00{"user":"a","client":"c"}\x00NaN',
+    b'\x00{"user":"a","client":"c"}\x001e400',
+    b"\x00not json\x001",
+    b'\x00["a","c"]\x001',                              # the sender not an object
+    b'\x00{"user":"a"}\x001',                           # no client
+    b'\x00{"client":"c"}\x001',                         # no user
+    b'\x00{"user":"a","client":5}\x001',
+    b'\x00{"user":5,"client":"c"}\x001',
+    b'\x00{"user":"a","client":"c","admin":true}\x001',  # another field
+    b'\x00{"user":"' + b"a" * 600 + b'","client":"c"}\x001',  # over MAX_FROM_BYTES
+])
+def test_malformed_envelopes_are_ordinary_payloads(payload):
+    assert decode_envelope(payload) is None
+    data, sender = unpack_payload(payload)
+    assert sender is None
+    assert orjson.loads(data) == payload.decode("utf-8", "replace")  # delivered as a string
+
+
+def test_envelope_sender_is_bounded():
+    from hub.protocol import MAX_FROM_BYTES
+
+    with pytest.raises(ValueError):
+        encode_envelope("a" * MAX_FROM_BYTES, "c", b"1")
+
+
+def test_frames_with_sender():
+    sender = b'{"user":"alice","client":"c-1"}'
+    frame = message_frame(b'"chat:1"', b'{"a":1}', 42, sender)
+    assert frame == (b'{"type":"message","channel":"chat:1","data":{"a":1},"offset":42,'
+                     b'"from":{"user":"alice","client":"c-1"}}')
+    assert orjson.loads(message_frame(b'"news"', b"1", None, sender)) == {
+        "type": "message", "channel": "news", "data": 1,
+        "from": {"user": "alice", "client": "c-1"}}
+    assert message_frame(b'"news"', b"1", 7) == (
+        b'{"type":"message","channel":"news","data":1,"offset":7}')
+    items = history_items([Publication("chat:1", encode_envelope(None, "c", b"1.0"), 1, "e"),
+                           Publication("chat:1", b"plain", 2, "e")])
+    assert items == [(1, b"1.0", b'{"user":null,"client":"c"}'), (2, b'"plain"', None)]
+    assert history_frame(3, "chat:1", 2, "e", items) == (
+        b'{"type":"history","id":3,"channel":"chat:1","offset":2,"epoch":"e","messages":['
+        b'{"offset":1,"data":1.0,"from":{"user":null,"client":"c"}},'
+        b'{"offset":2,"data":"plain"}]}')
+
+
+_users = st.one_of(st.none(), st.from_regex(r"[A-Za-z0-9_.:@/-]{1,123}", fullmatch=True))
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=10)
+
+
+@settings(max_examples=200, deadline=None)
+@given(user=_users, client=st.uuids().map(str), value=_json)
+def test_envelope_property(user, client, value):
+    """Whatever a client writes in data, the envelope gives back exactly its text and the
+    hub's sender; and no JSON text a backend publishes is ever taken for an envelope."""
+    data = json.dumps(value).encode()  # big integers and all: Python's json writes them
+    assert unpack_payload(encode_envelope(user, client, data)) == (
+        data, orjson.dumps({"user": user, "client": client}))
+    assert unpack_payload(data) == (data, None)
