@@ -162,10 +162,11 @@ async def test_publish_broadcast_history_batch_and_info_reach_websocket_subscrib
         assert status == 200
         assert info["connections"] == 2
         # alice: user:alice, news, chat:1; bob: user:bob, sport
-        assert info["subscriptions"] == 5 and info["channels"] == 5
+        assert info["subscriptions"] == 5 and info["nodes"][0]["channels"] == 5
         assert info["broker_connected"] is True and info["ready"] is True
-        assert info["scope"] == "process" and info["pid"] == hub.pid
-        assert await post(hub, "/api/info") == (200, info)  # an empty body is {}
+        assert info["pid"] == hub.pid and [n["pid"] for n in info["nodes"]] == [hub.pid]
+        status, again = await post(hub, "/api/info")  # an empty body is {}
+        assert status == 200 and again["node"] == info["node"]
 
     text = hub.http_get("/metrics")[1].decode()
     assert metric(text, "hub_api_requests_total", {"endpoint": "publish", "status": "200"}) == 3
@@ -254,7 +255,8 @@ async def test_http_errors_and_hostile_bodies(tmp_path, hub_factory):
         writer.write(junk)
         await writer.drain()
         writer.close()
-    assert await post(hub, "/api/info", {}) == (200, (await post(hub, "/api/info", {}))[1])
+    status, info = await post(hub, "/api/info", {})  # still serving, the same process
+    assert status == 200 and info["pid"] == hub.pid
     assert hub.proc.poll() is None
     assert "Traceback" not in hub.log_text()
 
