@@ -3,7 +3,8 @@
 Every client frame parses with :func:`hub.protocol.parse_command` into the command of its
 ``op`` with the same fields; every server frame whose builder exists in hub/protocol.py is
 what that builder produces (compared as parsed JSON); every ``op`` and ``type`` named in
-docs/protocol.md has a golden file.
+docs/protocol.md has a golden file. The Python client's parser (:mod:`hub.client.frames`)
+reads every server frame and its command builder writes every client frame.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pytest
 
 from hub import protocol
 from hub.brokers.base import StreamPosition
+from hub.client import frames as client_frames
 from tests.helpers import ROOT
 
 FRAMES = ROOT / "spec" / "frames"
@@ -145,3 +147,59 @@ def test_every_op_and_type_of_the_protocol_has_a_golden_file():
     assert ops == set(protocol.OPS) and {"ack", "message", "gap"} <= types
     assert ops <= {f["op"] for f in CLIENT.values()}, ops
     assert types <= {f["type"] for f in SERVER.values()}, types
+
+
+# -- the Python client (hub.client.frames) reads the same files ----------------------------
+
+EXPECTED_CLIENT_TYPES = {
+    "ack": client_frames.Ack, "pong": client_frames.Pong, "error": client_frames.ErrorReply,
+    "history": client_frames.HistoryReply, "presence": client_frames.PresenceReply,
+    "presence_stats": client_frames.PresenceStatsReply, "message": client_frames.Message,
+    "join": client_frames.PresenceEvent, "leave": client_frames.PresenceEvent,
+    "gap": client_frames.GapFrame, "subscribed": client_frames.Subscribed,
+    "unsubscribed": client_frames.UnsubscribedFrame,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SERVER))
+def test_client_parser_reads_every_server_frame(kind):
+    frame = SERVER[kind]
+    parsed = client_frames.parse_frame(json.dumps(frame))
+    assert type(parsed) is EXPECTED_CLIENT_TYPES[frame["type"]], parsed
+    for name in ("id", "channel", "offset", "epoch", "recovered", "user", "client", "code",
+                 "message", "reason", "to", "users"):
+        if name in frame:
+            assert getattr(parsed, name) == frame[name], name
+    if frame["type"] == "gap":
+        assert (parsed.channels, parsed.from_) == (tuple(frame["channels"]), frame.get("from"))
+    if frame["type"] == "message":
+        assert parsed.data == frame["data"]
+        sender = frame.get("from")
+        assert parsed.from_ == (sender and client_frames.Sender(sender["user"],
+                                                                sender["client"]))
+    if frame["type"] == "history":
+        assert [(m.offset, m.data) for m in parsed.messages] == [
+            (m["offset"], m["data"]) for m in frame["messages"]]
+        assert [m.from_ and (m.from_.user, m.from_.client) for m in parsed.messages] == [
+            m.get("from") and (m["from"]["user"], m["from"]["client"])
+            for m in frame["messages"]]
+    if frame["type"] == "ack" and "offset" in frame:
+        assert parsed.position == StreamPosition(frame["offset"], frame["epoch"])
+
+
+def test_client_parser_keeps_unknown_types_and_refuses_non_frames():
+    assert isinstance(client_frames.parse_frame('{"type":"future","x":1}'),
+                      client_frames.Unknown)
+    for bad in ("[]", "{}", '{"type":1}', '{"type":"message"}', "not json"):
+        with pytest.raises(ValueError):
+            client_frames.parse_frame(bad)
+
+
+@pytest.mark.parametrize("kind", sorted(CLIENT))
+def test_client_command_builder_writes_every_client_frame(kind):
+    frame = dict(CLIENT[kind])
+    op, cid = frame.pop("op"), frame.pop("id")
+    if "since" in frame:
+        frame["since"] = StreamPosition(**frame["since"])
+    built = client_frames.command(op, cid, **frame)
+    assert json.loads(client_frames.encode(built)) == CLIENT[kind]
