@@ -7,6 +7,7 @@ quick, never asserted as durations.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
@@ -18,11 +19,14 @@ from hub.client import (
     AuthenticationFailed,
     BadChannel,
     ClientClosed,
+    ConnectionStopped,
     Forbidden,
     Gap,
     Message,
     NoHistory,
+    Sender,
     Subscription,
+    Unsubscribed,
     connect,
 )
 from tests.helpers import make_token
@@ -282,3 +286,52 @@ async def test_close_ends_every_task(tmp_path, hub_factory):
     assert asyncio.all_tasks() - before == {asyncio.current_task()} - before
     with pytest.raises(ClientClosed):
         await client.publish("chat:c", 2)
+
+
+async def test_server_frames_of_this_session_with_a_scripted_hub():
+    """subscribed, from, unsubscribed (server) and close 4003, whose server side lands in
+    parallel work: a scripted WebSocket server on loopback speaks them."""
+    from websockets.asyncio.server import serve
+
+    conns: list = []
+    commands: list[dict] = []
+
+    async def handler(ws):
+        conns.append(ws)
+        async for text in ws:
+            cmd = json.loads(text)
+            commands.append(cmd)
+            if cmd["op"] in ("subscribe", "unsubscribe"):
+                await ws.send(json.dumps({"type": "ack", "id": cmd["id"]}))
+
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with connect(f"ws://127.0.0.1:{port}/ws", **FAST) as client:
+            pushed = client.server_subscriptions()
+            await conns[0].send(json.dumps({"type": "subscribed", "channel": "news"}))
+            async with asyncio.timeout(10):
+                sub = await anext(pushed)
+            assert sub.channel == "news" and sub.server and "news" in client.subscriptions
+            sender = {"user": None, "client": "c-1"}
+            await conns[0].send(json.dumps({"type": "message", "channel": "news", "data": 1,
+                                            "from": sender}))
+            [message] = await take(sub, 1)
+            assert message.from_ == Sender(None, "c-1")
+            # a reconnect resubscribes it as the client's own
+            await conns[0].close(1012)
+            async with asyncio.timeout(10):
+                while len(conns) < 2 or not client.connected:
+                    await asyncio.sleep(0.02)
+            assert [c["channel"] for c in commands if c["op"] == "subscribe"] == ["news"]
+            await conns[1].send(json.dumps({"type": "unsubscribed", "channel": "news",
+                                            "reason": "server"}))
+            with pytest.raises(Unsubscribed) as info:
+                async with asyncio.timeout(10):
+                    await sub.__anext__()
+            assert info.value.reason == "server" and "news" not in client.subscriptions
+            await conns[1].close(4003, "disconnected by the server")
+            with pytest.raises(ConnectionStopped) as stopped:
+                async with asyncio.timeout(10):
+                    await client.wait_closed()
+            assert stopped.value.close_code == 4003
+            assert len(conns) == 2  # it did not reconnect
