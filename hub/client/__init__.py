@@ -13,7 +13,8 @@
 Modules: ``client`` (the connection loop, requests), ``subscription`` (a subscription's
 inbox, position and iterator), ``frames`` (the wire format, sans-I/O), ``policy`` (close
 codes and backoff, pure), ``errors`` (the exceptions). It speaks docs/protocol.md only and
-shares no code with the server (it reuses the value type ``StreamPosition``).
+shares no code with the server: of hub it imports only the leaves ``hub.exceptions``
+(its base ``HubError``) and ``hub.brokers.base`` (the value type ``StreamPosition``).
 """
 
 from .client import Client, connect
