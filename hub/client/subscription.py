@@ -209,6 +209,7 @@ class Subscription:
         """A subscribe the hub refused before its first ack: ``subscribe()`` raises it."""
         if not self._ready.done():
             self._ready.set_exception(error)
+            self._ready.exception()  # retrieved even if subscribe() gave up waiting
         self._inbox.end(error, drop=True)
 
     def finish(self, error: BaseException | None = None, *, drop: bool = False) -> None:
