@@ -32,6 +32,7 @@ SECRET = "examples-test-secret-of-at-least-32-bytes!"
 
 
 EXAMPLES = {
+    "client_sigterm": ROOT / "examples" / "client_sigterm.py",
     "django_notify": ROOT / "examples" / "django_notify" / "app.py",
     "fastapi_app": ROOT / "examples" / "fastapi_app.py",
     "flask_app": ROOT / "examples" / "flask_app.py",
@@ -220,3 +221,38 @@ async def test_token_endpoint_in_band_connect(redis_server, hub_factory):
         reply = await recv_json(ws)
         assert reply["type"] == "ack" and reply["id"] == 1 and reply["user"] == "tk-erin", reply
         await check_token_grants(ws, redis_server, "tk-erin")
+
+
+# -- hub.client and SIGTERM ---------------------------------------------------------------
+
+
+async def test_client_sigterm_example_stops_cleanly(hub_factory):
+    import os
+    import signal
+    import subprocess
+
+    hub = hub_factory("--client-publish", "news")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-X", "dev", str(EXAMPLES["client_sigterm"]), hub.ws_url, "news",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        assert proc.stdout is not None
+        ready = await asyncio.wait_for(proc.stdout.readline(), 15)
+        assert json.loads(ready) == {"ready": "news"}
+        async with open_ws(hub.ws_url) as ws:
+            assert (await command(ws, op="publish", channel="news", data={"n": 1},
+                                  id=1))["type"] == "ack"
+        line = await asyncio.wait_for(proc.stdout.readline(), 15)
+        assert json.loads(line) == {"channel": "news", "data": {"n": 1}, "offset": None}
+        proc.send_signal(signal.SIGTERM)
+        out, err = await asyncio.wait_for(proc.communicate(), 15)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err
+    assert out.decode().strip() == "stopped"
+    assert b"Task was destroyed" not in err and b"never retrieved" not in err, err
+    assert b"Traceback" not in err, err
