@@ -325,6 +325,10 @@ export class HubClient {
 
   async _open() {
     if (this._closed) return;
+    if (!this._started) {
+      this._started = true;
+      this._setState("connecting", { url: this._urls[this._urlIndex] });
+    }
     let token = null;
     if (this._getToken && (this._everConnected || this._tokenUsed || this._token === null)) {
       try {

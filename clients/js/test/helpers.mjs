@@ -169,3 +169,13 @@ export function stateRecorder() {
     count: (s) => states.filter(([x]) => x === s).length,
   };
 }
+
+/** A WebSocket class that records every frame received (parsed) in `frames`. */
+export function spyWebSocket(frames, extra = {}) {
+  return class Spy extends WebSocket {
+    constructor(url) {
+      super(url, extra);
+      this.addEventListener("message", (e) => frames.push(JSON.parse(String(e.data))));
+    }
+  };
+}
