@@ -151,6 +151,11 @@ class Page:
         self.wait(f"{TEXTS}.length >= {count}")
         return self.messages()
 
+    def errors(self) -> list[str]:
+        """The page's uncaught exceptions and console errors so far."""
+        log: list[str] = self.browser.call("log", page=self.name)
+        return [line for line in log if line.startswith(("pageerror:", "error:"))]
+
     def screenshot(self, path: Path) -> None:
         self.browser.call("screenshot", page=self.name, path=str(path))
 
@@ -184,6 +189,7 @@ def test_two_pages_on_two_hubs_exchange_messages_both_ways(browser, hub_factory,
         assert page.messages() == expected
     assert alice.eval("document.querySelector('#who li[data-user=\"alice\"]').textContent") \
         == "alice (you)"
+    assert alice.errors() == [] and bob.errors() == []
     shot = tmp_path / "demo.png"
     alice.screenshot(shot)
     assert shot.stat().st_size > 10_000
@@ -250,3 +256,5 @@ def test_a_page_recovers_what_was_published_while_its_hub_was_down(browser, hub_
     for page in (alice, bob):
         page.wait(f"{TEXTS}.length >= {len(expected)}")
         assert page.messages() == expected  # every one, once, in order
+    for page in (alice, bob):  # console errors are expected: the refused reconnects
+        assert not [e for e in page.errors() if e.startswith("pageerror:")]
