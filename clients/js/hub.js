@@ -496,6 +496,7 @@ export class HubClient {
       this._currentToken = token;
       if (this._ws === ws) this._scheduleRefresh(tokenExp(token));
     } catch (e) {
+      if (this._closed) return;
       console.warn(`hub: refresh refused (${e.code}: ${e.message})`);
       if (this._ws === ws && !this._closed) this._scheduleRefresh(oldExp);
     }

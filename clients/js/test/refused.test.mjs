@@ -83,7 +83,9 @@ test("close() stops everything, the node process exits", async () => {
   let out = "";
   child.stdout.on("data", (d) => { out += d; });
   child.stderr.on("data", (d) => { out += d; });
-  const timer = setTimeout(() => child.kill("SIGKILL"), 10000);
+  // the client's own timers run 5 s (ping check) and 10 s (connect timeout): a process alive
+  // after 4 s kept one of them
+  const timer = setTimeout(() => child.kill("SIGKILL"), 4000);
   const [code, signal] = await new Promise((r) => child.once("exit", (c, s) => r([c, s])));
   clearTimeout(timer);
   assert.equal(signal, null, `the process did not exit by itself:\n${out}`);
