@@ -10,9 +10,10 @@ real ``hub serve --demo`` processes and a real redis-server.
 - a page whose hub is SIGKILLed and restarted on the same port shows "reconnecting", then
   every message the other page published meanwhile, once each and in order, and goes on.
 
-Needs node, /usr/bin/chromium and ``npm ci`` in tests/browser (scripts/test.sh does all
-three); without them the tests skip, except under CI (the variable ``CI`` set), where they
-fail.
+Needs node, /usr/bin/chromium (``HUB_CHROMIUM`` names another binary) and ``npm ci`` in
+tests/browser (scripts/test.sh does all three); without them the tests skip, except under CI
+(the variable ``CI`` set), where they fail. The sender test skips while the hub does not send
+``from`` (it lands with the ``from`` envelope, docs/protocol.md section 4).
 """
 
 from __future__ import annotations
