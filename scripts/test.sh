@@ -53,7 +53,13 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 # The Node packages the suite runs (the JS client's tests, the browser tests' driver), exactly
-# as their lock files say.
+# as their lock files say. Both need Node.js 20 or newer (playwright-core's engines).
+node_major=$(node -p 'process.versions.node.split(".")[0]')
+if [ "$node_major" -lt 20 ]; then
+  say "node $(node --version) is too old: the JS client and the browser tests need Node.js 20 or"
+  say "newer (Debian 13's nodejs package has it); install it, then run this again"
+  exit 1
+fi
 for dir in clients/js tests/browser; do
   if [ -f "$dir/package-lock.json" ]; then
     say "npm ci in $dir"
