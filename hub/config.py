@@ -120,6 +120,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("api_key", str, "a key the HTTP API accepts as Authorization: Bearer <key>; "
            "repeatable, any one of them is accepted (rotation)", repeat=True,
            default_text="none"),
+    Option("demo", bool, "serve a chat page at /demo and the JS client at /hub.js on --port, "
+           "with what it needs: the namespace demo (history, presence, join/leave) unless the "
+           "configuration file defines it, and client publish to demo:*; needs "
+           "authentication off (docs/demo.md)"),
     # Limits
     Option("max_connections", int, "connections per process; past it the handshake gets 503"),
     Option("max_connections_per_user", int, "connections per user id per process; past it "
@@ -191,6 +195,7 @@ class Config:
     api_port: int | None = None
     api_host: str = "127.0.0.1"
     api_key: tuple[str, ...] = field(default=(), repr=False)
+    demo: bool = False
     # Limits
     max_connections: int = 10000
     max_connections_per_user: int = 100
@@ -252,6 +257,9 @@ class Config:
             if self.metrics_port == self.port and self.port != 0:
                 raise ConfigError("--metrics-port must differ from --port")
         self._validate_api()
+        if self.demo and self.jwt_secret is not None:
+            raise ConfigError("--demo needs authentication off (no --jwt-secret): the demo "
+                              "page has no token to connect with")
         if self.workers > 1 and not self.redis_url:
             raise ConfigError("--workers above 1 needs --redis-url: the embedded broker only "
                               "reaches its own process")

@@ -3,8 +3,9 @@
 Paths on the one port: ``/ws`` (the WebSocket endpoint, :mod:`hub.handshake`), ``GET
 /healthz`` (200 while the process runs), ``GET /readyz`` (200 while the broker is connected,
 lags at most ``--max-lag`` seconds behind Redis, and the process is not stopping, else 503),
-``GET /metrics`` (Prometheus text), anything else 404. With ``--metrics-port``, a second
-listener answers ``/metrics``, ``/healthz`` and ``/readyz`` (plain HTTP, its own accept
+``GET /metrics`` (Prometheus text), with ``--demo`` ``GET /demo`` and ``GET /hub.js`` (the
+chat page and the JS client, :mod:`hub.demo`), anything else 404. With ``--metrics-port``, a
+second listener answers ``/metrics``, ``/healthz`` and ``/readyz`` (plain HTTP, its own accept
 queue, so probes do not wait behind the public port), and ``/metrics`` on the main port
 answers 404. With ``--api-port`` (and ``--api-key``), a third listener serves the HTTP
 server API (:mod:`hub.api`, aiohttp, docs/api.md), started after the node.
@@ -36,6 +37,7 @@ from .brokers import create_broker
 from .channels import ChannelRules
 from .config import Config, address_error
 from .connection import HubConnection, limit_requests
+from .demo import ASSETS, asset, demo_channels
 from .exceptions import ConfigError
 from .handshake import Handshake
 from .history import create_history
@@ -69,7 +71,10 @@ class Hub:
     def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
-        rules = ChannelRules(config.client_publish, dict(config.namespaces), config.channels)
+        client_publish, namespaces = config.client_publish, dict(config.namespaces)
+        if config.demo:  # the page's rooms: demo:<room>, unless the file defines "demo"
+            client_publish, namespaces = demo_channels(client_publish, namespaces)
+        rules = ChannelRules(client_publish, namespaces, config.channels)
         keeps_history = rules.keeps_history
         broker = create_broker(config.redis_url, cluster=config.redis_cluster,
                                prefix=config.redis_prefix, probe_interval=config.probe_interval,
@@ -125,6 +130,13 @@ class Hub:
         """
         cfg = self.config
         tls = cfg.ssl_context()
+        if cfg.demo:
+            for path, file in ASSETS.items():  # read now: a broken install fails at start
+                try:
+                    asset(path)
+                except OSError as exc:
+                    raise ConfigError(f"--demo: cannot read {file.name} of the hub.demo "
+                                      f"package ({exc.strerror or exc}); reinstall hub") from None
         limit_requests(cfg.max_request_headers, cfg.max_header_line_bytes)
         AcceptErrors(self.metrics.accept_errors).install(asyncio.get_running_loop())
         # serve() hands our create_connection subclass to these callbacks; its signature
@@ -296,7 +308,24 @@ class Hub:
         response = self._probe(conn, path)
         if response is not None:
             return response
+        if self.config.demo:
+            found = asset(path)
+            if found is not None:
+                return self._file(conn, found[0].content_type, found[1])
         return self.handshake.request(conn, request)
+
+    @staticmethod
+    def _file(conn: ServerConnection, content_type: str, body: bytes) -> Response:
+        """A ``200`` carrying ``body`` as ``content_type``, not to be cached without
+        asking again (a restarted hub may serve a newer page)."""
+        response = conn.respond(http.HTTPStatus.OK, "")
+        response.headers = Headers([("Content-Type", content_type),
+                                    ("Content-Length", str(len(body))),
+                                    ("Cache-Control", "no-cache"),
+                                    ("X-Content-Type-Options", "nosniff"),
+                                    ("Connection", "close")])
+        response.body = body
+        return response
 
     def _process_private_request(self, conn: ServerConnection, request: Request) -> Response:
         """Every request of the ``--metrics-port`` listener: the probe paths and

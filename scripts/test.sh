@@ -4,8 +4,11 @@
 #   bash scripts/test.sh [pytest arguments]
 #
 # 1. Checks the system programs the suite drives (redis-server, nginx, haproxy, python3's venv
-#    module) and installs the missing ones with apt-get when it can (root on Debian); otherwise
-#    it prints the exact command to run and exits 1.
+#    module, chromium, node and npm) and installs the missing ones with apt-get when it can
+#    (root on Debian); otherwise it prints the exact command to run and exits 1. Then installs
+#    the Node packages of clients/js and tests/browser (npm ci, from their package-lock.json,
+#    where there is one): the JS client's tests and the demo page's browser tests (Debian's
+#    chromium, driven by playwright-core; no browser is downloaded).
 # 2. Creates a fresh virtual environment (python3 -m venv --clear; $HUB_TEST_VENV, default
 #    .venv-test in the repository), so that nothing this machine already has can hide a missing
 #    dependency.
@@ -21,6 +24,9 @@ need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need_apt+=(nginx)
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need_apt+=(haproxy)
+command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ] || need_apt+=(chromium)
+command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
+command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 venv_probe=$(mktemp -d)
 if ! python3 -m venv "$venv_probe/v" >/dev/null 2>&1; then
   # Debian's python3 ships venv without ensurepip: the python3-venv package brings it.
@@ -45,6 +51,21 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     exit 1
   fi
 fi
+
+# The Node packages the suite runs (the JS client's tests, the browser tests' driver), exactly
+# as their lock files say. Both need Node.js 20 or newer (playwright-core's engines).
+node_major=$(node -p 'process.versions.node.split(".")[0]')
+if [ "$node_major" -lt 20 ]; then
+  say "node $(node --version) is too old: the JS client and the browser tests need Node.js 20 or"
+  say "newer (Debian 13's nodejs package has it); install it, then run this again"
+  exit 1
+fi
+for dir in clients/js tests/browser; do
+  if [ -f "$dir/package-lock.json" ]; then
+    say "npm ci in $dir"
+    (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error)
+  fi
+done
 
 # Tests open a few thousand sockets (the nginx capacity test among them).
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
