@@ -41,23 +41,21 @@ SERVER = {p.stem: load(p) for p in sorted((FRAMES / "server").glob("*.json"))}
 #: Server frame kinds whose builders land in parallel work this session (``from`` on
 #: deliveries and history entries, the ``subscribed`` push). Remove a kind from here when
 #: its builder is in hub/protocol.py, and add it to BUILDERS.
-PENDING = {
-    "history_from": "history entries with 'from' (client publishes) land with the from work",
-    "message_from": "message_frame with 'from' lands with the from work",
-    "message_from_anonymous": "message_frame with 'from' lands with the from work",
-    "message_history_from": "message_frame with 'from' lands with the from work",
-    "subscribed": "the subscribed push (server-side subscribe) lands in parallel work",
-    "subscribed_history": "the subscribed push (server-side subscribe) lands in parallel work",
-}
+PENDING: dict[str, str] = {}  # server frame kinds whose builder has not landed yet
 
 
 def _json(value: Any) -> bytes:
     return orjson.dumps(value)
 
 
+def _from(value: dict[str, Any] | None) -> bytes | None:
+    return None if value is None else _json(value)
+
+
 def _history(f: dict[str, Any]) -> bytes:
     return protocol.history_frame(f["id"], f["channel"], f["offset"], f["epoch"],
-                                  [(m["offset"], _json(m["data"])) for m in f["messages"]])
+                                  [(m["offset"], _json(m["data"]), _from(m.get("from")))
+                                   for m in f["messages"]])
 
 
 #: How each server frame kind is built by hub/protocol.py, from the golden frame's values.
@@ -86,6 +84,16 @@ BUILDERS: dict[str, Callable[[dict[str, Any]], bytes]] = {
     "message": lambda f: protocol.message_frame(_json(f["channel"]), _json(f["data"])),
     "message_history": lambda f: protocol.message_frame(_json(f["channel"]), _json(f["data"]),
                                                         f["offset"]),
+    "message_from": lambda f: protocol.message_frame(_json(f["channel"]), _json(f["data"]),
+                                                     None, _json(f["from"])),
+    "message_from_anonymous": lambda f: protocol.message_frame(
+        _json(f["channel"]), _json(f["data"]), None, _json(f["from"])),
+    "message_history_from": lambda f: protocol.message_frame(
+        _json(f["channel"]), _json(f["data"]), f["offset"], _json(f["from"])),
+    "history_from": _history,
+    "subscribed": lambda f: protocol.subscribed_frame(f["channel"]),
+    "subscribed_history": lambda f: protocol.subscribed_frame(f["channel"], f["offset"],
+                                                              f["epoch"]),
     "join": lambda f: protocol.join_leave_frame("join", f["channel"], f["client"], f["user"]),
     "leave": lambda f: protocol.join_leave_frame("leave", f["channel"], f["client"],
                                                  f["user"]),
