@@ -335,3 +335,36 @@ async def test_server_frames_of_this_session_with_a_scripted_hub():
                     await client.wait_closed()
             assert stopped.value.close_code == 4003
             assert len(conns) == 2  # it did not reconnect
+
+
+async def test_real_hub_server_side_subscribe_from_and_disconnect(tmp_path, redis_server,
+                                                                   hub_factory):
+    """The frames of the control channel and of client publishes, from a real hub: a
+    server-side subscription shows up on server_subscriptions() with its messages, a
+    delivery of a client publish carries its sender, /api/disconnect stops the client with
+    4003."""
+    from tests.helpers import free_port
+    from tests.system.test_api import KEY, post
+
+    api_port = free_port()
+    hub = hub_factory("--config", config_file(tmp_path), "--api-port", str(api_port),
+                      "--api-key", KEY, redis=redis_server)
+    hub.api = f"http://127.0.0.1:{api_port}"
+    async with connect(hub.ws_url + "?user=alice", **FAST) as alice, \
+            connect(hub.ws_url + "?user=bob", **FAST) as bob:
+        servers = alice.server_subscriptions()
+        assert (await post(hub, "/api/subscribe", {"user": "alice", "channel": "chat:srv"}))[0] \
+            == 200
+        async with asyncio.timeout(10):
+            sub = await anext(servers)
+        assert sub.channel == "chat:srv"
+        await bob.publish("chat:srv", {"text": "hi"})
+        [message] = await take(sub, 1)
+        assert message.data == {"text": "hi"} and message.offset == 1
+        assert message.from_ is not None and message.from_.user == "bob"
+        assert (await post(hub, "/api/disconnect", {"user": "alice"}))[0] == 200
+        with pytest.raises(ConnectionStopped) as stopped:
+            async with asyncio.timeout(10):
+                await alice.wait_closed()
+        assert stopped.value.close_code == 4003
+        assert bob.connected
