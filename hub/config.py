@@ -138,6 +138,8 @@ OPTIONS: tuple[Option, ...] = (
            "request, in bytes; longer: the connection is closed without a response"),
     Option("max_subscriptions", int, "channel subscriptions per connection"),
     Option("api_max_body_bytes", int, "largest HTTP API request body in bytes; larger: 413"),
+    Option("api_max_inflight", int, "HTTP API requests a process runs at once; one more: 429 "
+           "with Retry-After"),
     Option("max_message_bytes", int, "largest client message in bytes; larger closes with 1009"),
     Option("max_buffer_bytes", int, "per-connection write buffer in bytes above which a "
            "slow consumer is closed with 4008"),
@@ -205,6 +207,7 @@ class Config:
     max_header_line_bytes: int = 8192
     max_subscriptions: int = 128
     api_max_body_bytes: int = 1048576
+    api_max_inflight: int = 256
     max_message_bytes: int = 65536
     max_buffer_bytes: int = 1048576
     max_payload_bytes: int = 65536
@@ -230,7 +233,7 @@ class Config:
                     "max_buffer_bytes", "max_payload_bytes", "max_lag", "workers",
                     "probe_interval", "probe_timeout", "auth_timeout", "max_pending_handshakes",
                     "handshake_timeout", "max_request_headers", "max_header_line_bytes",
-                    "api_max_body_bytes")
+                    "api_max_body_bytes", "api_max_inflight")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_BY_NAME[name].flag} must be > 0, got {getattr(self, name)}")

@@ -209,7 +209,8 @@ class Hub:
         cfg = self.config
         assert cfg.api_port is not None
         api = ApiServer(self.node, self.metrics, keys=cfg.api_key,
-                        max_body_bytes=cfg.api_max_body_bytes, version=__version__,
+                        max_body_bytes=cfg.api_max_body_bytes,
+                        max_inflight=cfg.api_max_inflight, version=__version__,
                         shutdown_timeout=cfg.shutdown_timeout)
         try:
             api.bind(cfg.api_host, cfg.api_port, reuse_port=reuse_port)

@@ -106,18 +106,23 @@ class ApiServer:
     ``node`` is the started node (its ``rules`` say which channels keep a history);
     ``metrics`` receives ``hub_api_requests_total`` and ``hub_api_request_seconds``;
     ``keys`` are the ``--api-key`` values (any one of them is accepted: rotation);
-    ``max_body_bytes`` is the largest request body (413 past it); ``version`` is reported by
-    ``/api/info``; ``shutdown_timeout`` is how long :meth:`stop` lets requests in flight end.
+    ``max_body_bytes`` is the largest request body (413 past it); ``max_inflight`` the
+    requests run at once (one more: 429 ``rate_limited``, ``Retry-After: 1``); ``version`` is
+    reported by ``/api/info``; ``shutdown_timeout`` is how long :meth:`stop` lets requests
+    in flight end.
     """
 
     def __init__(self, node: Node, metrics: Metrics, *, keys: Sequence[str],
-                 max_body_bytes: int, version: str, shutdown_timeout: float = 5.0) -> None:
+                 max_body_bytes: int, version: str, max_inflight: int = 256,
+                 shutdown_timeout: float = 5.0) -> None:
         if not keys:
             raise ValueError("the API needs at least one key")
         self.node = node
         self.metrics = metrics
         self._keys = tuple(k.encode() for k in keys)
         self.max_body_bytes = max_body_bytes
+        self.max_inflight = max_inflight
+        self._inflight = 0  # requests of the POST endpoints being run
         self.version = version
         self.max_payload_bytes = node.max_payload_bytes
         self.shutdown_timeout = shutdown_timeout
@@ -232,6 +237,8 @@ class ApiServer:
         response = web.Response(status=error.status, body=error_body(error), content_type=_JSON)
         if error.code == "unauthorized":
             response.headers["WWW-Authenticate"] = 'Bearer realm="hub"'
+        elif error.code == "rate_limited":
+            response.headers["Retry-After"] = "1"
         return response
 
     # -- handlers --------------------------------------------------------------------------
@@ -240,6 +247,16 @@ class ApiServer:
         return web.Response(body=OPENAPI, content_type=_JSON)
 
     async def _endpoint(self, request: web.Request) -> web.Response:
+        if self._inflight >= self.max_inflight:
+            raise ApiError("rate_limited", f"{self.max_inflight} requests are running "
+                           "(--api-max-inflight); retry later")
+        self._inflight += 1
+        try:
+            return await self._run(request)
+        finally:
+            self._inflight -= 1
+
+    async def _run(self, request: web.Request) -> web.Response:
         method = request.match_info.route.name or ""
         try:
             body = await request.read()

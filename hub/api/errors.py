@@ -30,6 +30,8 @@ API_ERRORS: dict[str, tuple[int, str]] = {
                                 "names the one that does)"),
     "too_large": (413, "the body is over --api-max-body-bytes, or a message's data is over "
                        "--max-payload-bytes"),
+    "rate_limited": (429, "more than --api-max-inflight requests are running on this process; "
+                          "retry after the Retry-After seconds"),
     "unavailable": (503, "the broker (Redis) or the history store did not take or answer the "
                          "command in time; nothing was published; retry"),
     "internal": (500, "a bug in the hub; the request may or may not have taken effect"),

@@ -442,3 +442,26 @@ async def test_request_metrics_count_each_endpoint_and_status(tmp_path, hub_fact
         assert 0 < metric(text, "hub_api_request_seconds_sum", seconds) < 60
     assert metric_total(text, "hub_api_requests_total") == 4
     assert metric_total(text, "hub_api_request_seconds_count") == 4
+
+
+async def test_requests_past_max_inflight_get_429(tmp_path, hub_factory, redis_server):
+    """A publish waiting for a frozen Redis holds the one slot of --api-max-inflight 1: the
+    next request is 429 rate_limited with Retry-After, and once Redis is back all is well."""
+    hub = api_hub(hub_factory, tmp_path, "--api-max-inflight", "1", "--probe-timeout", "3",
+                  redis=redis_server)
+    redis_server.pause()
+    try:
+        request = asyncio.ensure_future(post(hub, "/api/publish", {"channel": "news",
+                                                                    "data": 1}))
+        await asyncio.sleep(0.3)
+        assert not request.done()
+        async with aiohttp.ClientSession() as session, session.post(
+                hub.api + "/api/info", data=b"{}",
+                headers={"Authorization": f"Bearer {KEY}"}) as resp:
+            assert resp.status == 429 and resp.headers["Retry-After"] == "1"
+            assert await resp.json() == error("rate_limited")
+    finally:
+        redis_server.resume()
+    assert (await asyncio.wait_for(request, 15))[0] in (200, 503)
+    status, _ = await post(hub, "/api/info", {})
+    assert status == 200
