@@ -66,7 +66,6 @@ def demo_channels(client_publish: tuple[str, ...],
     return patterns, merged
 
 
-@cache
 def asset(path: str) -> tuple[Asset, bytes] | None:
     """The file served at URL ``path`` (``/demo``, ``/hub.js``) and its bytes, read from the
     package once; None for any other path. Raises :class:`OSError` when the package lacks
@@ -74,4 +73,9 @@ def asset(path: str) -> tuple[Asset, bytes] | None:
     found = ASSETS.get(path)
     if found is None:
         return None
-    return found, resources.files(__name__).joinpath(found.name).read_bytes()
+    return found, _read(found.name)
+
+
+@cache  # keyed by the few package-data names only, never by a request's path
+def _read(name: str) -> bytes:
+    return resources.files(__name__).joinpath(name).read_bytes()
