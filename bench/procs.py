@@ -133,14 +133,30 @@ class RedisServer:
 
     def __init__(self, workdir: str | os.PathLike[str], port: int | None = None,
                  extra: Sequence[str] = ()) -> None:
-        self.port = port or free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
         self.extra = tuple(extra)
-        os.makedirs(workdir, exist_ok=True)
-        self.dir = tempfile.mkdtemp(prefix=f"redis-{self.port}-", dir=workdir)
-        self.log_path = os.path.join(self.dir, "redis.log")
         self.proc: subprocess.Popen | None = None
-        self.start()
+        os.makedirs(workdir, exist_ok=True)
+        # A port free_port() found may be taken before redis-server binds it (another
+        # process's outgoing connection got it): with a port of our choosing, try another.
+        for attempt in range(1 if port else 5):
+            self.port = port or free_port()
+            self.url = f"redis://127.0.0.1:{self.port}/0"
+            self.dir = tempfile.mkdtemp(prefix=f"redis-{self.port}-", dir=workdir)
+            self.log_path = os.path.join(self.dir, "redis.log")
+            try:
+                self.start()
+                return
+            except RuntimeError:
+                if attempt == 4 or not self._port_taken():
+                    raise
+
+    def _port_taken(self) -> bool:
+        """True when the log says the server could not bind its port."""
+        try:
+            with open(self.log_path, errors="replace") as log:
+                return "Address already in use" in log.read()
+        except OSError:
+            return False
 
     def start(self) -> None:
         """Start the server (again, after :meth:`kill`) on the same port with the same options;
