@@ -1,10 +1,22 @@
 """The publisher process: M messages of a given size to one channel through Redis.
 
 Each message is the JSON object ``{"r": run, "s": seq, "t": time.time(), "p": "xx..."}``
-padded with ``p`` to ``size`` bytes. ``redis`` publishes it with ``PUBLISH channel``;
-``socketio`` emits it with an external write-only ``socketio.AsyncRedisManager`` to the
-room ``bench``. ``rate`` is in messages per second, 0 meaning as fast as possible; the run
-stops after ``count`` messages or ``time_limit`` seconds, whichever comes first.
+padded with ``p`` to ``size`` bytes. The publish kinds (:data:`KINDS`, ``Stack.publish``):
+
+* ``redis``: ``PUBLISH channel <json>`` (ceiling, node-ws, the hub stacks);
+* ``socketio``: an external write-only ``socketio.AsyncRedisManager`` emits event ``msg`` to
+  the room ``bench`` (python-socketio);
+* ``socketio-emitter``: what ``@socket.io/redis-emitter`` sends for
+  ``emitter.to("bench").emit("msg", data)``: ``PUBLISH socket.io#/#bench# <msgpack>`` of
+  ``["emitter", {"type": 2, "data": ["msg", data], "nsp": "/"}, {"rooms": ["bench"],
+  "flags": {}, "except": []}]`` (:func:`socketio_emitter_message`; the smoke test pins it
+  byte for byte against the Node emitter), read by ``@socket.io/redis-adapter``;
+* ``channels`` / ``channels-pubsub``: Django Channels' ``group_send("bench", {"type":
+  "bench.message", "text": <json>})`` on ``RedisChannelLayer`` / ``RedisPubSubChannelLayer``
+  (configured as ``bench.channels_server`` configures the server).
+
+``rate`` is in messages per second, 0 meaning as fast as possible; the run stops after
+``count`` messages or ``time_limit`` seconds, whichever comes first.
 """
 
 from __future__ import annotations
@@ -13,7 +25,11 @@ import asyncio
 import time
 from multiprocessing.connection import Connection
 
-__all__ = ["publisher_main"]
+__all__ = ["KINDS", "SOCKETIO_EMITTER_CHANNEL", "publisher_main", "socketio_emitter_message"]
+
+KINDS = ("redis", "socketio", "socketio-emitter", "channels", "channels-pubsub")
+#: @socket.io/redis-emitter's channel for one room: key "socket.io", namespace "/", room.
+SOCKETIO_EMITTER_CHANNEL = "socket.io#/#bench#"
 
 
 def _message(run: int, seq: int, size: int) -> tuple[bytes, dict]:
@@ -21,6 +37,16 @@ def _message(run: int, seq: int, size: int) -> tuple[bytes, dict]:
     head = f'{{"r":{run},"s":{seq},"t":{t:.6f},"p":"'
     pad = "x" * max(0, size - len(head) - 2)
     return (head + pad + '"}').encode(), {"r": run, "s": seq, "t": t, "p": pad}
+
+
+def socketio_emitter_message(data: dict, room: str = "bench", event: str = "msg") -> bytes:
+    """The Redis message ``@socket.io/redis-emitter`` 5 publishes for
+    ``emitter.to(room).emit(event, data)`` (msgpack, the emitter's default notepack.io
+    parser, same key order); publish it to ``socket.io#/#<room>#``."""
+    import msgpack
+
+    packet = {"type": 2, "data": [event, data], "nsp": "/"}  # 2 = EVENT (socket.io-parser)
+    return msgpack.packb(["emitter", packet, {"rooms": [room], "flags": {}, "except": []}])
 
 
 async def _publish(ctrl: Connection, kind: str, redis_url: str, channel: str, run: int, count: int,
@@ -36,16 +62,38 @@ async def _publish(ctrl: Connection, kind: str, redis_url: str, channel: str, ru
         async def close() -> None:
             if getattr(manager, "redis", None) is not None:
                 await manager.redis.aclose()
-    else:
+    elif kind in ("channels", "channels-pubsub"):
+        from channels.layers import get_channel_layer
+
+        from .channels_server import GROUP, configure
+
+        configure("core" if kind == "channels" else "pubsub", redis_url)
+        layer = get_channel_layer()
+
+        async def send(raw: bytes, data: dict) -> None:
+            await layer.group_send(GROUP, {"type": "bench.message", "text": raw.decode()})
+
+        async def close() -> None:
+            if kind == "channels":
+                await layer.close_pools()
+            else:
+                await layer.flush()
+    elif kind in ("redis", "socketio-emitter"):
         import redis.asyncio as redis
 
         client = redis.Redis.from_url(redis_url)
+        emitter = kind == "socketio-emitter"
 
         async def send(raw: bytes, data: dict) -> None:
-            await client.publish(channel, raw)
+            if emitter:
+                await client.publish(SOCKETIO_EMITTER_CHANNEL, socketio_emitter_message(data))
+            else:
+                await client.publish(channel, raw)
 
         async def close() -> None:
             await client.aclose()
+    else:
+        raise ValueError(f"unknown publish kind {kind!r}; one of {', '.join(KINDS)}")
 
     await send(*_message(-1, -1, size))  # warm the connection up; run -1 is ignored
     ctrl.send(("warm", None))

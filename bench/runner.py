@@ -87,9 +87,9 @@ def _spread(procs: list[psutil.Process], port: int) -> dict[str, int]:
     return spread
 
 
-def _numsub(redis_url: str, channel: str) -> int:
+def _subscribers(redis_url: str, stack: Stack) -> int | None:
     with redis.Redis.from_url(redis_url) as r:
-        return int(dict(r.pubsub_numsub(channel)).get(channel.encode(), 0))
+        return stack.subscribers(r)
 
 
 class _PeakRss(threading.Thread):
@@ -150,7 +150,7 @@ def run_session(stack: Stack, clients: int, rates: list[float], first_run: int,
             raise RuntimeError(f"{stack.name}: no client connected")
 
         deadline = time.monotonic() + 15
-        while (subs := _numsub(s.redis_url, stack.channel)) < stack.processes:
+        while (subs := _subscribers(s.redis_url, stack)) is not None and subs < stack.processes:
             if time.monotonic() > deadline:
                 s.log(f"  warning: only {subs} Redis subscriber(s) on {stack.channel}")
                 break
