@@ -11,7 +11,7 @@ from typing import Any
 __all__ = ["aggregate", "hub_ratios", "ratios", "table", "write_json", "write_plots"]
 
 #: Summed over repeats; every other number is the median over repeats.
-SUMMED = ("published", "expected", "received", "lost", "late")
+SUMMED = ("published", "expected", "received", "lost", "late", "layer_dropped")
 KEYS = ("stack", "clients", "rate", "run", "repeat")
 
 ORDER = ["ceiling", "socketio", "hub", "hub2", "hub-asyncio", "node-ws", "node-socketio",

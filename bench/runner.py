@@ -303,6 +303,8 @@ def _one_run(ctx: Any, stack: Stack, run: int, rate: float, connected: int,
         "published": published,
         "publish_s": pub_result["last"] - pub_result["first"],
         "publisher_cpu_s": pub_result.get("cpu"),
+        # messages the channel layer itself refused (RedisChannelLayer over capacity)
+        "layer_dropped": pub_result.get("layer_dropped"),
         "expected": published * connected,
         "received": received,
         "lost": published * connected - received,
