@@ -116,6 +116,8 @@ class Stack:
         """None when this stack's runtime is installed here, else why it is not (a sentence)."""
         if self.name.startswith("hub"):
             return hub_available()
+        if self.name == "node-socketio":  # the publisher encodes the emitter's msgpack
+            return node_missing() or _modules_missing("msgpack")
         if self.name.startswith("node-"):
             return node_missing()
         if self.name.startswith("channels"):

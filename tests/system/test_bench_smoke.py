@@ -19,7 +19,7 @@ import sys
 
 import pytest
 
-from bench.stacks import STACKS, node_missing
+from bench.stacks import STACKS
 from tests.helpers import ROOT
 
 REPO = str(ROOT)
@@ -120,7 +120,7 @@ def test_bench_skips_a_stack_whose_runtime_is_missing(tmp_path) -> None:
 def test_socketio_emitter_wire_format_is_the_node_emitters(redis_server) -> None:
     """The Python publisher's node-socketio messages are byte for byte what
     ``@socket.io/redis-emitter`` publishes for ``emitter.to("bench").emit("msg", data)``."""
-    why = node_missing()
+    why = STACKS["node-socketio"].missing()
     if why:
         pytest.skip(why)
     import redis
