@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="handshakes in flight per load-generator process (default 32)")
     p.add_argument("--no-uvloop", action="store_true",
                    help="default asyncio loop for the clients, the publisher and the "
-                        "ceiling, socketio and hub servers")
+                        "ceiling, socketio, hub and channels servers (not the Node ones)")
     p.add_argument("--client", choices=("lean", "websockets"), default="lean",
                    help="load-generator client: lean (bench/lean.py, ~4x less CPU per "
                         "delivery) or websockets (the library's asyncio client) (default lean)")

@@ -53,7 +53,7 @@ class Stack:
 
     name: str
     protocol: str  # key of bench.client.PROTOCOLS
-    publish: str  # "redis" (PUBLISH channel) or "socketio" (write-only AsyncRedisManager)
+    publish: str  # publisher kind, one of bench.publisher.KINDS (how backends publish)
     channel: str  # Redis channel of the publisher and of the server subscription(s)
     processes: int  # server processes that subscribe to ``channel``
     uvloop: bool = True  # False: the default asyncio loop (for the hub: --loop asyncio)
