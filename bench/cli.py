@@ -16,17 +16,19 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import platform
+import subprocess
 import sys
 import time
 import traceback
 from importlib import metadata
 
 from .procs import RedisServer, raise_nofile
-from .report import aggregate, ratios, table, write_json, write_plots
+from .report import aggregate, hub_ratios, ratios, table, write_json, write_plots
 from .runner import Settings, run_session
-from .stacks import REPO, STACKS, hub_available
+from .stacks import NODE_DIR, NODE_PACKAGES, REPO, STACKS
 
 __all__ = ["main"]
 
@@ -50,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stacks", default="ceiling,socketio,hub,hub2",
-                   help="comma-separated, from: " + ", ".join(STACKS) + " (default: all)")
+                   help="comma-separated, from: " + ", ".join(STACKS)
+                   + " (default ceiling,socketio,hub,hub2); a stack whose runtime is not "
+                   "installed is skipped with a note")
     p.add_argument("--clients", type=_ints, default=None,
                    help="client counts N, comma-separated (default 1000,5000)")
     p.add_argument("--messages", type=int, default=None,
@@ -80,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="handshakes in flight per load-generator process (default 32)")
     p.add_argument("--no-uvloop", action="store_true",
                    help="default asyncio loop for the clients, the publisher and the "
-                        "ceiling, socketio and hub servers")
+                        "ceiling, socketio, hub and channels servers (not the Node ones)")
     p.add_argument("--client", choices=("lean", "websockets"), default="lean",
                    help="load-generator client: lean (bench/lean.py, ~4x less CPU per "
                         "delivery) or websockets (the library's asyncio client) (default lean)")
@@ -100,11 +104,23 @@ def build_parser() -> argparse.ArgumentParser:
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for dist in ("websockets", "redis", "hiredis", "orjson", "uvloop", "python-socketio",
-                 "python-engineio", "aiohttp", "psutil", "numpy"):
+                 "python-engineio", "aiohttp", "psutil", "numpy", "Django", "channels",
+                 "channels-redis", "uvicorn", "msgpack"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             out[dist] = "missing"
+    try:
+        out["node"] = subprocess.run(["node", "--version"], capture_output=True, text=True,
+                                     timeout=10, check=False).stdout.strip() or "missing"
+    except (OSError, subprocess.TimeoutExpired):
+        out["node"] = "missing"
+    for pkg in (*NODE_PACKAGES, "engine.io"):
+        try:
+            with open(os.path.join(NODE_DIR, "node_modules", pkg, "package.json")) as f:
+                out["npm:" + pkg] = json.load(f)["version"]
+        except (OSError, ValueError, KeyError):
+            out["npm:" + pkg] = "missing"
     return out
 
 
@@ -130,13 +146,16 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not names:
         print(f"unknown stack(s) {unknown}; choose from {', '.join(STACKS)}", file=sys.stderr)
         return 2
-    if any(n.startswith("hub") for n in names):
-        why = hub_available()
+    skipped: dict[str, str] = {}
+    for name in names:
+        why = STACKS[name].missing()
         if why:
-            print(f"skipping hub stacks: {why}", file=sys.stderr)
-            names = [n for n in names if not n.startswith("hub")]
-            if not names:
-                return 2
+            skipped[name] = why
+            print(f"skipping {name}: {why}", file=sys.stderr)
+    names = [n for n in names if n not in skipped]
+    if not names:
+        print("no stack left to run", file=sys.stderr)
+        return 2
 
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     out = args.out or os.path.join(REPO, "bench", "results", stamp)
@@ -149,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         print(line, flush=True)
 
     meta = {"started": stamp, "argv": sys.argv[1:] if argv is None else list(argv),
-            "stacks": names, "clients": clients, "messages": messages, "rates": rates,
+            "stacks": names, "skipped": skipped, "clients": clients, "messages": messages,
+            "rates": rates,
             "size": args.size, "duration_limit": limit, "drain": args.drain,
             "loadgen_procs": args.loadgen_procs, "repeat": args.repeat, "nofile": nofile,
             "client": args.client, "burst": args.burst,
@@ -202,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows))
     print()
     print(ratios(rows))
+    if any(r["stack"] == "hub" for r in rows):
+        print()
+        print(hub_ratios(rows))
     if rows:
         for path in write_plots(out, rows):
             log(f"wrote {path}")

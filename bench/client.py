@@ -120,6 +120,11 @@ async def _join_socketio(ws: Any, index: int) -> None:
             raise RuntimeError(f"Socket.IO connect refused: {frame[:200]!r}")
 
 
+# node-socketio speaks the same Engine.IO v4 / Socket.IO v5 as python-socketio: the same join
+# (its "connection" handler joins room bench right after the CONNECT packet it answers "40"
+# with, in the same tick) and the same event frames 42["msg",{...}].
+
+
 def decode_socketio(raw: bytes) -> Decoded:
     if not raw.startswith(b'42["msg",'):
         return None
@@ -139,6 +144,9 @@ PROTOCOLS: dict[str, Protocol] = {
     "hub": Protocol("/ws?user=bench{index}", _join_hub, decode_hub, _no_answer),
     "socketio": Protocol("/socket.io/?EIO=4&transport=websocket", _join_socketio,
                          decode_socketio, _answer_socketio),
+    # channels: the consumer at /ws/ joins group bench in connect() before it accepts, so
+    # a completed handshake is the join; deliveries are the published text (as the ceiling).
+    "channels": Protocol("/ws/", _join_ceiling, decode_ceiling, _no_answer),
 }
 
 

@@ -8,13 +8,17 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["aggregate", "ratios", "table", "write_json", "write_plots"]
+__all__ = ["aggregate", "hub_ratios", "ratios", "table", "write_json", "write_plots"]
 
 #: Summed over repeats; every other number is the median over repeats.
-SUMMED = ("published", "expected", "received", "lost", "late")
+SUMMED = ("published", "expected", "received", "lost", "late", "layer_dropped")
 KEYS = ("stack", "clients", "rate", "run", "repeat")
 
-ORDER = ["ceiling", "socketio", "hub", "hub2", "hub-asyncio"]
+ORDER = ["ceiling", "socketio", "hub", "hub2", "hub-asyncio", "node-ws", "node-socketio",
+         "channels", "channels-pubsub"]
+#: Plot colours in ORDER; a stack not in ORDER gets the next colour of matplotlib's cycle.
+COLORS = ["tab:gray", "tab:red", "tab:blue", "tab:green", "tab:purple", "tab:olive",
+          "tab:orange", "tab:brown", "tab:pink"]
 
 
 def _rate(rate: float) -> str:
@@ -113,6 +117,28 @@ def ratios(runs: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def hub_ratios(runs: Sequence[dict]) -> str:
+    """The one-process hub against every other stack of the same N and rate.
+
+    ``deliveries/s hub / stack`` (above 1: the hub delivered more per second) and ``CPU/delivery
+    stack / hub`` (above 1: the stack needs that many times the hub's server CPU per
+    delivery), with both stacks' ``lost``. Returns a markdown table (a header only when there
+    is no hub row)."""
+    by = {(r["stack"], r["clients"], r["rate"]): r for r in runs}
+    head = ("| stack | N | rate msg/s | deliveries/s hub / stack | CPU per delivery stack / hub "
+            "| lost stack | lost hub |")
+    lines = [head, _rule(head)]
+    for r in sorted(runs, key=_key):
+        hub = by.get(("hub", r["clients"], r["rate"]))
+        if r["stack"] == "hub" or hub is None:
+            continue
+        lines.append(f"| {r['stack']} | {r['clients']} | {_rate(r['rate'])} "
+                     f"| {_div(hub['deliveries_per_s'], r['deliveries_per_s'])} "
+                     f"| {_div(r['cpu_us_per_delivery'], hub['cpu_us_per_delivery'])} "
+                     f"| {r['lost']} | {hub['lost']} |")
+    return "\n".join(lines)
+
+
 def _div(a: float | None, b: float | None) -> str:
     if a is None or b is None or not a or not b or math.isnan(a) or math.isnan(b):
         return "-"
@@ -136,9 +162,12 @@ def write_plots(outdir: str, runs: Sequence[dict]) -> list[str]:
     import matplotlib.pyplot as plt
 
     ns = sorted({r["clients"] for r in runs})
-    stacks = [s for s in ORDER if any(r["stack"] == s for r in runs)]
-    colors = dict(zip(ORDER, ["tab:gray", "tab:red", "tab:blue", "tab:green",
-                                  "tab:purple"], strict=True))
+    stacks = sorted({r["stack"] for r in runs},
+                    key=lambda s: (ORDER.index(s) if s in ORDER else len(ORDER), s))
+    colors = dict(zip(ORDER, COLORS, strict=True))
+    spare = iter(f"C{i}" for i in range(100))
+    for stack in stacks:
+        colors.setdefault(stack, next(spare))
     paths = []
 
     timed = [r for r in runs if r.get("p99_ms") is not None and not math.isnan(r["p99_ms"])]

@@ -87,9 +87,9 @@ def _spread(procs: list[psutil.Process], port: int) -> dict[str, int]:
     return spread
 
 
-def _numsub(redis_url: str, channel: str) -> int:
+def _subscribers(redis_url: str, stack: Stack) -> int | None:
     with redis.Redis.from_url(redis_url) as r:
-        return int(dict(r.pubsub_numsub(channel)).get(channel.encode(), 0))
+        return stack.subscribers(r)
 
 
 class _PeakRss(threading.Thread):
@@ -150,7 +150,7 @@ def run_session(stack: Stack, clients: int, rates: list[float], first_run: int,
             raise RuntimeError(f"{stack.name}: no client connected")
 
         deadline = time.monotonic() + 15
-        while (subs := _numsub(s.redis_url, stack.channel)) < stack.processes:
+        while (subs := _subscribers(s.redis_url, stack)) is not None and subs < stack.processes:
             if time.monotonic() > deadline:
                 s.log(f"  warning: only {subs} Redis subscriber(s) on {stack.channel}")
                 break
@@ -303,6 +303,8 @@ def _one_run(ctx: Any, stack: Stack, run: int, rate: float, connected: int,
         "published": published,
         "publish_s": pub_result["last"] - pub_result["first"],
         "publisher_cpu_s": pub_result.get("cpu"),
+        # messages the channel layer itself refused (RedisChannelLayer over capacity)
+        "layer_dropped": pub_result.get("layer_dropped"),
         "expected": published * connected,
         "received": received,
         "lost": published * connected - received,
