@@ -6,9 +6,10 @@
 # 1. Checks the system programs the suite drives (redis-server, nginx, haproxy, python3's venv
 #    module, chromium, node and npm) and installs the missing ones with apt-get when it can
 #    (root on Debian); otherwise it prints the exact command to run and exits 1. Then installs
-#    the Node packages of clients/js and tests/browser (npm ci, from their package-lock.json,
-#    where there is one): the JS client's tests and the demo page's browser tests (Debian's
-#    chromium, driven by playwright-core; no browser is downloaded).
+#    the Node packages of clients/js, tests/browser and bench/node (npm ci, from their
+#    package-lock.json, where there is one): the JS client's tests, the demo page's browser
+#    tests (Debian's chromium, driven by playwright-core; no browser is downloaded) and the
+#    bench's Node peer stacks (its smoke tests).
 # 2. Creates a fresh virtual environment (python3 -m venv --clear; $HUB_TEST_VENV, default
 #    .venv-test in the repository), so that nothing this machine already has can hide a missing
 #    dependency.
@@ -60,7 +61,7 @@ if [ "$node_major" -lt 20 ]; then
   say "newer (Debian 13's nodejs package has it); install it, then run this again"
   exit 1
 fi
-for dir in clients/js tests/browser; do
+for dir in clients/js tests/browser bench/node; do
   if [ -f "$dir/package-lock.json" ]; then
     say "npm ci in $dir"
     (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error)
