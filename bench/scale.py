@@ -6,7 +6,8 @@ Issue 15 ("100,000 connections on one machine", "memory per connection"). One se
    --redis-url ... --max-connections M --ping-interval S`` on a free loopback port;
 2. P load-generator processes (the lean client, bench/lean.py) open the N connections
    ``/ws?user=u<i>`` (the handshake subscribes ``user:u<i>``), each then subscribes the shared
-   channel ``bench``; connection i binds source address ``127.0.0.<2 + i % sources>`` before
+   channel ``bench`` (not with ``--no-shared``: the personal channel only, and no
+   broadcasts); connection i binds source address ``127.0.0.<2 + i % sources>`` before
    it connects (``IP_BIND_ADDRESS_NO_PORT``), so that no source address runs out of ephemeral
    ports; every process stays below the per-process open-file limit;
 3. **memory**: the RSS of every worker before any client and with its connections idle
@@ -73,8 +74,8 @@ class _Worker:
     """The connections of one load-generator process and what they received."""
 
     def __init__(self, port: int, indexes: list[int], sources: int, concurrency: int,
-                 timeout: float) -> None:
-        self.port, self.indexes, self.sources = port, indexes, sources
+                 timeout: float, shared: bool = True) -> None:
+        self.port, self.indexes, self.sources, self.shared = port, indexes, sources, shared
         self.concurrency, self.timeout = concurrency, timeout
         self.conns: dict[int, LeanConnection] = {}
         self.latencies: dict[int, array[float]] = {}  # broadcast seq -> latencies (s)
@@ -120,8 +121,9 @@ class _Worker:
             raise
         try:
             await conn.opened
-            await conn.send(b'{"op":"subscribe","channel":"bench","id":1}')
-            while True:
+            if self.shared:
+                await conn.send(b'{"op":"subscribe","channel":"bench","id":1}')
+            while self.shared:
                 frame = orjson.loads(await conn.recv())
                 if frame.get("type") == "ack" and frame.get("id") == 1:
                     break
@@ -195,11 +197,12 @@ async def _serve(ctrl: Connection, worker: _Worker) -> None:
 
 
 def loadgen_main(ctrl: Connection, port: int, indexes: list[int], sources: int,
-                 concurrency: int, timeout: float) -> None:
+                 concurrency: int, timeout: float, shared: bool = True) -> None:
     """Entry point of one load-generator process, driven over ``ctrl``: ``("connect",)``
     opens (again) every connection not open and answers ``("connected", figures)``;
     ``("report",)`` answers ``("report", what was received so far)``; ``("close",)`` aborts
-    every connection and ends the process."""
+    every connection and ends the process. ``shared`` False: no subscription to ``bench``
+    (the personal channel only)."""
     raise_nofile()
     try:
         import uvloop
@@ -208,7 +211,7 @@ def loadgen_main(ctrl: Connection, port: int, indexes: list[int], sources: int,
     except ImportError:  # pragma: no cover - uvloop is in the bench extra
         run = asyncio.run
     try:
-        run(_serve(ctrl, _Worker(port, indexes, sources, concurrency, timeout)))
+        run(_serve(ctrl, _Worker(port, indexes, sources, concurrency, timeout, shared)))
     except Exception as exc:
         with contextlib.suppress(Exception):
             ctrl.send(("error", f"{type(exc).__name__}: {exc}"))
@@ -369,11 +372,13 @@ class Session:
             time.sleep(2.0)
             self._memory(workers, rss0, fds0)
             self._idle(workers)
-            self._broadcasts("broadcast", a.broadcasts)
+            if a.shared:
+                self._broadcasts("broadcast", a.broadcasts)
             self._pushes()
             if a.storm:
                 self._storm()
-                self._broadcasts("broadcast_after_storm", 1)
+                if a.shared:
+                    self._broadcasts("broadcast_after_storm", 1)
             return self.results
         finally:
             self._close()
@@ -386,7 +391,7 @@ class Session:
             parent, child = ctx.Pipe()
             p = ctx.Process(target=loadgen_main, daemon=True,
                             args=(child, self.hub.port if self.hub else 0, indexes,
-                                  a.sources, a.connect_concurrency, 30.0))
+                                  a.sources, a.connect_concurrency, 30.0, a.shared))
             p.start()
             child.close()
             self.loadgen.append((p, parent))
@@ -576,6 +581,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="seconds to wait for one phase's deliveries (60)")
     p.add_argument("--phase-limit", type=float, default=300.0,
                    help="seconds a connect phase may take (300)")
+    p.add_argument("--no-shared", dest="shared", action="store_false",
+                   help="clients subscribe no shared channel (the personal one only); no "
+                        "broadcasts")
     p.add_argument("--no-storm", dest="storm", action="store_false",
                    help="skip the restart-and-reconnect storm")
     p.add_argument("--hub-arg", action="append", default=[],
