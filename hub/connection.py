@@ -14,17 +14,43 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterable
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from websockets import http11
 from websockets.asyncio.server import ServerConnection, broadcast
-from websockets.frames import Frame, Opcode
+from websockets.exceptions import ConnectionClosedOK
+from websockets.frames import CloseCode, Frame, Opcode
 from websockets.protocol import Event, State
+from websockets.typing import Data
+
+if TYPE_CHECKING:
+    from .keepalive import Keepalive
 
 __all__ = ["ConnectionOwner", "HubConnection", "close_or_abort", "fan_out", "limit_requests",
-           "send_text"]
+           "ping", "send_text"]
 
 logger = logging.getLogger("hub.connection")
+
+#: The logger websockets' server gives every connection (``serve(logger=...)`` default),
+#: shared: the library wraps it in a LoggerAdapter per connection (with a weak proxy and a
+#: dict, about 300 bytes), which only its own debug lines would use.
+_LIBRARY_LOGGER = logging.getLogger("websockets.server")
+
+
+class _SmallDeque(list[Any]):
+    """A list standing in for two ``collections.deque`` of websockets' connection that hold
+    a few items at most: the frames received and not yet read (``SimpleQueue.queue``, at
+    most ``max_queue`` = 16 frames) and the writers waiting for the buffer to drain
+    (``drain_waiters``). An empty deque allocates a 64-slot block, about 600 bytes per
+    connection each, where an empty list is 56. Only the deque methods the library calls."""
+
+    __slots__ = ()
+
+    def popleft(self) -> Any:
+        return self.pop(0)
+
+    def extendleft(self, items: Iterable[Any]) -> None:
+        self[0:0] = list(items)[::-1]  # as deque.extendleft: each item in turn to the front
 
 
 class ConnectionOwner(Protocol):
@@ -62,13 +88,24 @@ class HubConnection(ServerConnection):
     the TCP accept to the end of the opening handshake; ``expiry`` the timer of its token's
     ``exp``. ``tokens``, ``refilled``, ``commands`` and ``refused`` are the command rate
     limiter's state (:mod:`hub.session`); ``frames`` and ``frames_at`` the frame budget's
-    (:meth:`process_event`).
+    (:meth:`process_event`); ``ping_sent`` (the clock of the keepalive ping not answered yet,
+    0.0 for none) and ``ping_slice`` (-1 outside) the keepalive's (:mod:`hub.keepalive`).
 
-    Build a subclass per server with ``owner``, ``frame_rate`` and ``frame_burst`` set (see
-    :class:`ConnectionOwner`).
+    Build a subclass per server with ``owner``, ``frame_rate``, ``frame_burst`` and
+    ``keepalive_timer`` set (see :class:`ConnectionOwner`).
+
+    Memory: an idle connection costs about 10 KiB of Python objects, most of them websockets'
+    (docs/benchmarks.md, "100,000 connections"); this class trims what it can without
+    changing behaviour: no keepalive task (the process's :class:`hub.keepalive.Keepalive`
+    instead), a list instead of two ``collections.deque`` (the frames queue, the drain
+    waiters), the shared library logger instead of a LoggerAdapter per connection, and an
+    iterator instead of an async generator for ``async for``.
     """
 
     owner: ConnectionOwner  # set on the per-server subclass
+    #: The process's keepalive (``--ping-interval``); None: no keepalive pings. Set on the
+    #: per-server subclass, which passes ``ping_interval=None`` to websockets.
+    keepalive_timer: ClassVar[Keepalive | None] = None
     #: Frames per second the peer may send (every frame: data, continuation, ping, pong,
     #: close) and the bucket's size, in frames; 0 disables the frame budget. Set on the
     #: per-server subclass (``--max-frame-rate``).
@@ -81,11 +118,15 @@ class HubConnection(ServerConnection):
     # Slots, not __dict__ entries: eight more keys made every connection's instance dict
     # resize (the figure is in docs/benchmarks.md, "Where the time goes").
     __slots__ = ("commands", "counted", "deadline", "dropping", "expiry", "frames", "frames_at",
-                 "handshaking", "pending", "private", "refilled", "refused", "remote", "tokens",
-                 "user")
+                 "handshaking", "pending", "ping_sent", "ping_slice", "private", "refilled",
+                 "refused", "remote", "tokens", "user")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.protocol.logger = self.logger = _LIBRARY_LOGGER
+        self.drain_waiters = _SmallDeque()  # type: ignore[assignment] # append/remove/iterate
+        self.ping_sent = 0.0
+        self.ping_slice = -1
         self.user: str | None = None
         self.private: tuple[str, ...] = ()
         self.pending = False
@@ -108,6 +149,7 @@ class HubConnection(ServerConnection):
         progress from here (:meth:`ConnectionOwner.accepted`), and the whole request must
         arrive within :attr:`request_timeout` seconds."""
         super().connection_made(transport)  # starts websockets' handler task
+        self.recv_messages.frames.queue = _SmallDeque()  # type: ignore[assignment]
         self.handshaking = True
         self.deadline = self.loop.call_later(self.request_timeout, self._request_late)
         self.owner.accepted(self)
@@ -134,6 +176,39 @@ class HubConnection(ServerConnection):
     def abort(self) -> None:
         """Drop the TCP connection now (RST), unsent bytes included."""
         self.transport.abort()
+
+    def start_keepalive(self) -> None:
+        """Called by websockets when the opening handshake succeeded (where it would start
+        its keepalive task): join the process's :class:`hub.keepalive.Keepalive`, if any."""
+        if self.keepalive_timer is not None:
+            self.keepalive_timer.add(self)
+
+    def keepalive_timeout(self) -> None:
+        """The keepalive's ping went unanswered: fail the connection as websockets' own
+        keepalive does (close frame 1011 ``"keepalive ping timeout"``, the TCP connection
+        half-closed, RFC 6455 section 7.1.7) and abort it if it is not gone within
+        ``close_timeout`` seconds. Nothing when the connection is no longer open."""
+        if self.protocol.state is not State.OPEN:
+            return
+        self.protocol.fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+        self.send_data()
+        self.loop.call_later(self.close_timeout or 0.0, self._abort_unless_closed)
+
+    def _abort_unless_closed(self) -> None:
+        if self.protocol.state is not State.CLOSED:
+            self.transport.abort()
+
+    def __aiter__(self) -> HubConnection:
+        """``async for message in conn``: as websockets' (every message until a normal
+        close; ConnectionClosedError after an abnormal one), without an async generator
+        per connection."""
+        return self
+
+    async def __anext__(self) -> Data:
+        try:
+            return await self.recv()
+        except ConnectionClosedOK:
+            raise StopAsyncIteration from None
 
     async def handshake(self, *args: Any, **kwargs: Any) -> None:
         """websockets' opening handshake, reporting its end to the owner whatever the
@@ -163,6 +238,8 @@ class HubConnection(ServerConnection):
         the owner close the connection (:meth:`ConnectionOwner.frame_flood`, 4029). Frames
         keep being handled as usual until the close: the session skips the commands of a
         connection that is being dropped."""
+        if isinstance(event, Frame) and event.opcode is Opcode.PONG:
+            self.ping_sent = 0.0  # the keepalive's ping is answered (any pong: a live peer)
         rate = self.frame_rate
         if rate > 0 and isinstance(event, Frame):
             now = time.monotonic()
@@ -181,6 +258,8 @@ class HubConnection(ServerConnection):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        if self.keepalive_timer is not None:
+            self.keepalive_timer.discard(self)
         if self.deadline is not None:
             self.deadline.cancel()
             self.deadline = None
@@ -322,6 +401,32 @@ def fan_out(conns: Iterable[HubConnection], text: bytes) -> None:
             logger.debug("fan-out write failed: %s", exc)
     if others:
         broadcast(others, text, text=True)
+
+
+def ping(conns: Iterable[HubConnection], payload: bytes) -> int:
+    """Send one ping frame carrying ``payload`` (at most 125 bytes) to every open connection
+    of ``conns``; return how many were written.
+
+    The frame is serialized once (unmasked, as a server sends it; RFC 6455 section 5.5.2) and
+    the same bytes are written to each transport, under the conditions of :func:`fan_out`
+    (open, transport not closing, whole frames in order). Control frames are never
+    compressed (RFC 7692 section 6), so connections with permessage-deflate get the same
+    bytes. The library does not learn of these pings: their pongs are seen in
+    :meth:`HubConnection.process_event`.
+    """
+    wire = Frame(Opcode.PING, payload).serialize(mask=False, extensions=[])
+    sent = 0
+    for conn in conns:
+        transport = conn.transport
+        if conn.protocol.state is not State.OPEN or transport.is_closing():
+            continue
+        try:
+            transport.write(wire)
+        except Exception as exc:
+            logger.debug("keepalive ping write failed: %s", exc)
+            continue
+        sent += 1
+    return sent
 
 
 def send_text(conn: HubConnection, text: bytes) -> None:

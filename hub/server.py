@@ -41,6 +41,7 @@ from .demo import ASSETS, asset, demo_channels
 from .exceptions import ConfigError
 from .handshake import Handshake
 from .history import create_history
+from .keepalive import Keepalive
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .node import Node
 from .oslimits import AcceptErrors
@@ -113,8 +114,11 @@ class Hub:
         self.server: Any = None
         self.metrics_server: Any = None
         self.api: Any = None  # hub.api.ApiServer with --api-port (aiohttp imported then only)
+        # --ping-interval: one timer pings every connection in batches (hub.keepalive), in
+        # place of websockets' keepalive task per connection.
+        self.keepalive = Keepalive(config.ping_interval) if config.ping_interval else None
         self._connection_class = type("HubConnection", (HubConnection,), {
-            "owner": self, "frame_rate": config.max_frame_rate,
+            "owner": self, "keepalive_timer": self.keepalive, "frame_rate": config.max_frame_rate,
             "frame_burst": 2 * config.max_frame_rate,
             "request_timeout": config.handshake_timeout})
 
@@ -150,8 +154,8 @@ class Hub:
                 process_response=self._process_response,  # type: ignore[arg-type]
                 compression="deflate" if cfg.compression == "deflate" else None,
                 max_size=cfg.max_message_bytes,
-                ping_interval=cfg.ping_interval or None,
-                ping_timeout=cfg.ping_interval or None,
+                ping_interval=None,  # self.keepalive pings (HubConnection.start_keepalive)
+                ping_timeout=None,
                 # The client has --handshake-timeout for the TLS handshake and then for its
                 # request (HubConnection.request_timeout); the whole handshake, with the
                 # personal channel's subscription (up to 5 s), gets OPEN_MARGIN more.
@@ -188,6 +192,8 @@ class Hub:
         await self.node.start()
         if self.api is not None:
             await self.api.start()
+        if self.keepalive is not None:
+            self.keepalive.start()
         await self.server.start_serving()
         loop = type(asyncio.get_running_loop()).__module__.partition(".")[0]
         logger.info("listening on %s:%d%s (%s broker, %s loop)", cfg.host, self.port,
@@ -282,6 +288,8 @@ class Hub:
             await asyncio.wait(tasks, timeout=timeout + 1)
         for conn in list(self.server.connections):
             conn.transport.abort()
+        if self.keepalive is not None:
+            self.keepalive.stop()
         try:
             await asyncio.wait_for(self.server.wait_closed(), 2.0)
         except TimeoutError:
