@@ -340,6 +340,8 @@ def _write_now(conns: Iterable[HubConnection], text: bytes) -> None:
 #: None outside a burst. One per process: a burst is synchronous (it never awaits), so two
 #: bursts cannot interleave on one event loop.
 _burst: list[tuple[Iterable[HubConnection], bytes]] | None = None
+#: Writes of several frames made by flush_burst() during the burst under way.
+_flushed = 0
 
 
 def begin_burst() -> bool:
@@ -360,17 +362,19 @@ def begin_burst() -> bool:
     return True
 
 
-def flush_burst() -> int:
+def flush_burst() -> None:
     """Write what the burst under way has queued so far and keep the burst open (a no-op
     outside a burst). Call it before anything that may change the connection sets queued
     (a subscribe or disconnect decided inside the burst) or write to a connection outside
-    :func:`fan_out`; :func:`send_text` does it itself. Returns :func:`end_burst`'s count."""
+    :func:`fan_out`; :func:`send_text` does it itself. Its writes count in
+    :func:`end_burst`'s result."""
+    global _flushed
     burst = _burst
     if not burst:
-        return 0
+        return
     entries = burst[:]
     burst.clear()
-    return _write_burst(entries)
+    _flushed += _write_burst(entries)
 
 
 def end_burst() -> int:
@@ -383,14 +387,15 @@ def end_burst() -> int:
     reports the connection as a slow consumer exactly as a single frame's write does
     (:meth:`HubConnection.pause_writing`: dropped with 4008 on the next loop iteration).
 
-    Returns the number of writes that carried more than one frame (``hub_coalesced_writes``).
+    Returns the number of writes of the burst that carried more than one frame (those of
+    :func:`flush_burst` included; ``hub_coalesced_writes``).
     """
-    global _burst
-    entries = _burst
-    _burst = None
+    global _burst, _flushed
+    entries, flushed = _burst, _flushed
+    _burst, _flushed = None, 0
     if not entries:
-        return 0
-    return _write_burst(entries)
+        return flushed
+    return flushed + _write_burst(entries)
 
 
 def _serialize(text: bytes) -> bytes:
