@@ -377,7 +377,7 @@ class PubSubLink:
         """Start the link task; every message received goes to ``deliver``, which must not
         block (an exception from it is logged and the message dropped). With
         ``deliver_many`` (:func:`hub.brokers.base.batch_handler`), the messages the reader
-        finds already parsed-ready in its buffer after one (a burst) go there together, in
+        finds already complete in its buffer after one (a burst) go there together, in
         order, in one call (see :meth:`_read`)."""
         self._deliver = deliver
         self._deliver_many = deliver_many
@@ -563,29 +563,32 @@ class PubSubLink:
             assert take is not None and deliver_many is not None
             burst = [] if publication is None else [publication]
             after: Any = None  # the reply that ended the burst, handled after it
-            while reply is not _NOTHING:
-                if isinstance(reply, ResponseError):
-                    after = reply
-                    break
-                msg = await handle_message(reply) if reply else None  # type: ignore[no-untyped-call]
-                if msg is None:
-                    pass
-                elif msg["type"] != message or msg["channel"] == probe:
-                    after = msg
-                    break
-                else:
-                    publication = publication_of(msg["channel"], msg["data"])
-                    if publication is not None:
-                        burst.append(publication)
-                reply = await take(pubsub)
-            if burst:
-                try:
-                    if len(burst) == 1:
-                        deliver(burst[0])
+            try:
+                while reply is not _NOTHING:
+                    if isinstance(reply, ResponseError):
+                        after = reply
+                        break
+                    msg = (await handle_message(reply)  # type: ignore[no-untyped-call]
+                           if reply else None)
+                    if msg is None:
+                        pass
+                    elif msg["type"] != message or msg["channel"] == probe:
+                        after = msg
+                        break
                     else:
-                        deliver_many(burst)
-                except Exception:
-                    logger.exception("redis %s: delivery failed", self.name)
+                        publication = publication_of(msg["channel"], msg["data"])
+                        if publication is not None:
+                            burst.append(publication)
+                    reply = await take(pubsub)
+            finally:  # also when the link fails mid-burst: what was read is handed over
+                if burst:
+                    try:
+                        if len(burst) == 1:
+                            deliver(burst[0])
+                        else:
+                            deliver_many(burst)
+                    except Exception:
+                        logger.exception("redis %s: delivery failed", self.name)
             if isinstance(after, ResponseError):
                 self._owner.refused(self, after)
             elif after is not None:
