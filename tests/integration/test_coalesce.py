@@ -205,3 +205,20 @@ async def test_a_history_channel_in_a_burst_keeps_its_offsets_in_order_with_repa
     assert node.metrics.history_repairs._value.get() >= 1
     assert counter(hub, "burst_messages") > 0
     await ws.close()
+
+
+@pytest.mark.cluster
+async def test_the_cluster_broker_hands_sharded_bursts_over_too(cluster):
+    hub = Hub(Config(port=0, redis_url=(cluster.url,), redis_cluster=True, log_level="warning"))
+    await hub.start()
+    try:
+        await wait_until_async(lambda: hub.node.ready, 20, what="the cluster links")
+        ws = await client(hub, "alice", ["room"])
+        with Publisher(cluster.url, cluster=True) as pub:
+            for n in range(40):  # SPUBLISH, while the loop is blocked: a burst of smessages
+                pub.publish("room", {"n": n})
+        assert [m["data"]["n"] for m in await receive(ws, 40)] == list(range(40))
+        assert counter(hub, "burst_messages") > 0
+        await ws.close()
+    finally:
+        await hub.stop()
