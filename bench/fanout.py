@@ -1,16 +1,22 @@
-"""Microbenchmark: server CPU per delivery of ``broadcast()`` against ``hub.connection.fan_out``.
+"""Microbenchmark: server CPU and write system calls per delivery of ``broadcast()``, of
+``hub.connection.fan_out`` (one write per message and connection) and of coalesced bursts
+(``hub.connection.begin_burst``/``end_burst``: one write per connection per burst).
 
-Run as ``python -m bench.fanout [--clients 1000] [--messages 300] [--repeat 3]``.
+Run as ``python -m bench.fanout [--clients 1000] [--messages 300] [--repeat 3] [--burst 10]``.
 
 One process serves N real loopback WebSocket connections (``websockets.asyncio.server``,
-no compression, uvloop); a second process holds the N clients (``bench.lean``) and only
-drains them. The server then sends the same 150-byte text message ``--messages`` times to
+no compression, uvloop); two more processes hold the N clients (``bench.lean``) and only
+drain them. The server then sends the same 150-byte text message ``--messages`` times to
 all N, alternating between the library's ``broadcast()`` (one ``Frame`` built and
-serialized per recipient) and the hub's ``fan_out()`` (one wire frame per message, the same
-bytes written to every transport), and prints the process CPU seconds (``time.process_time``,
-user + system, the kernel's loopback TCP work included) per delivery of each, in
-microseconds. 10 ms pauses between messages let the clients drain, so neither path meets a
-full socket buffer. Loopback only; bounded by the counts given.
+serialized per recipient), the hub's ``fan_out()`` (one wire frame per message, the same
+bytes written to every transport) and ``burst N`` (``--burst`` messages at a time fanned out
+inside one burst, as the node does with the messages the broker link read at once), and
+prints per delivery: the process CPU (``time.process_time``, user + system, the kernel's
+loopback TCP work included) in microseconds, and the write system calls (``syscw`` of
+``/proc/self/io``: write and writev, which is how uvloop writes to a socket; sendto and
+sendmsg are not counted there, see docs/benchmarks.md). 10 ms pauses between messages
+(between bursts: ``--burst`` x 10 ms) let the clients drain, so no path meets a full socket
+buffer. Loopback only; bounded by the counts given.
 """
 
 from __future__ import annotations
@@ -20,10 +26,12 @@ import asyncio
 import multiprocessing as mp
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 from websockets.asyncio.server import ServerConnection, broadcast, serve
 
-from hub.connection import fan_out
+from hub.connection import begin_burst, end_burst, fan_out
 
 from .lean import lean_connect
 from .procs import raise_nofile
@@ -48,16 +56,42 @@ def _drain(port: int, count: int) -> None:
     uvloop.run(main())
 
 
-async def _measure(clients: int, messages: int, repeat: int) -> dict[str, list[float]]:
-    conns: set[ServerConnection] = set()
+def syscw() -> int:
+    """Write system calls (write, writev) of this process so far, from Linux's
+    ``/proc/self/io``; 0 where that file does not exist."""
+    try:
+        with open("/proc/self/io") as io:
+            for line in io:
+                if line.startswith("syscw:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+async def _measure(clients: int, messages: int, repeat: int, burst: int
+                   ) -> dict[str, list[tuple[float, float]]]:
+    """``{path: [(us CPU per delivery, write syscalls per delivery), ...]}``, one pair per
+    repeat."""
+    conns: set[Any] = set()  # websockets ServerConnections, fanned out to as the hub does
 
     async def handler(ws: ServerConnection) -> None:
         conns.add(ws)
         await ws.wait_closed()
 
-    paths = {"broadcast": lambda: broadcast(conns, MESSAGE, text=True),
-             "fan_out": lambda: fan_out(conns, MESSAGE)}
-    results: dict[str, list[float]] = {name: [] for name in paths}
+    def coalesced() -> None:
+        begin_burst()
+        for _ in range(burst):
+            fan_out(conns, MESSAGE)
+        end_burst()
+
+    # name: (send one batch, messages per batch)
+    paths: dict[str, tuple[Callable[[], None], int]] = {
+        "broadcast": (lambda: broadcast(conns, MESSAGE, text=True), 1),
+        "fan_out": (lambda: fan_out(conns, MESSAGE), 1),
+        f"burst {burst}": (coalesced, burst),
+    }
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
     async with serve(handler, "127.0.0.1", 0, compression=None) as server:
         port = server.sockets[0].getsockname()[1]
         ctx = mp.get_context("spawn")
@@ -72,14 +106,18 @@ async def _measure(clients: int, messages: int, repeat: int) -> dict[str, list[f
                     raise TimeoutError(f"only {len(conns)} of {clients} clients connected")
                 await asyncio.sleep(0.1)
             for _ in range(repeat):
-                for name, send in paths.items():
+                for name, (send, per) in paths.items():
+                    batches = max(1, messages // per)
                     cpu = 0.0
-                    for _ in range(messages):
-                        started = time.process_time()
+                    writes = 0
+                    for _ in range(batches):
+                        started, calls = time.process_time(), syscw()
                         send()
                         cpu += time.process_time() - started
-                        await asyncio.sleep(0.01)
-                    results[name].append(cpu / (messages * len(conns)) * 1e6)
+                        writes += syscw() - calls
+                        await asyncio.sleep(0.01 * per)
+                    deliveries = batches * per * len(conns)
+                    results[name].append((cpu / deliveries * 1e6, writes / deliveries))
         finally:
             for proc in procs:
                 proc.kill()
@@ -93,16 +131,23 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--messages", type=int, default=300)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--burst", type=int, default=10,
+                        help="messages per coalesced burst (default 10)")
     args = parser.parse_args()
+    if min(args.clients, args.messages, args.repeat, args.burst) < 1:
+        parser.error("--clients, --messages, --repeat and --burst must be >= 1")
     raise_nofile()
     import uvloop
 
-    results = uvloop.run(_measure(args.clients, args.messages, args.repeat))
-    base = statistics.median(results["broadcast"])
+    results = uvloop.run(_measure(args.clients, args.messages, args.repeat, args.burst))
+    base = statistics.median(cpu for cpu, _ in results["broadcast"])
     for name, values in results.items():
-        med = statistics.median(values)
+        cpus = [cpu for cpu, _ in values]
+        med = statistics.median(cpus)
+        writes = statistics.median(w for _, w in values)
         print(f"{name:10s} {med:6.2f} us CPU/delivery (median of "
-              f"{', '.join(f'{v:.2f}' for v in values)}), x broadcast {med / base:.2f}")
+              f"{', '.join(f'{v:.2f}' for v in cpus)}), x broadcast {med / base:.2f}; "
+              f"{writes:.3f} write syscalls/delivery")
 
 
 if __name__ == "__main__":

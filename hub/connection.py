@@ -26,8 +26,8 @@ from websockets.typing import Data
 if TYPE_CHECKING:
     from .keepalive import Keepalive
 
-__all__ = ["ConnectionOwner", "HubConnection", "close_or_abort", "fan_out", "limit_requests",
-           "ping", "send_text"]
+__all__ = ["ConnectionOwner", "HubConnection", "begin_burst", "close_or_abort", "end_burst",
+           "fan_out", "flush_burst", "limit_requests", "ping", "send_text"]
 
 logger = logging.getLogger("hub.connection")
 
@@ -383,7 +383,19 @@ def fan_out(conns: Iterable[HubConnection], text: bytes) -> None:
     is skipped: asyncio would log a line per write to it. A write that raises (transport torn
     down mid-loop) skips that connection only; its ``connection_lost`` cleans it up. ``conns``
     must not change during the call.
+
+    Inside a burst (:func:`begin_burst`) nothing is written yet: ``text`` is queued for
+    ``conns`` and written by :func:`end_burst`, with the connection's other frames of the
+    burst, and ``conns`` must then not change until the burst ends.
     """
+    burst = _burst
+    if burst is not None:
+        burst.append((conns, text))
+        return
+    _write_now(conns, text)
+
+
+def _write_now(conns: Iterable[HubConnection], text: bytes) -> None:
     wire = None
     others: list[HubConnection] = []
     for conn in conns:
@@ -429,9 +441,144 @@ def ping(conns: Iterable[HubConnection], payload: bytes) -> int:
     return sent
 
 
+#: The frames of the burst under way (:func:`begin_burst`), in order: (connections, text).
+#: None outside a burst. One per process: a burst is synchronous (it never awaits), so two
+#: bursts cannot interleave on one event loop.
+_burst: list[tuple[Iterable[HubConnection], bytes]] | None = None
+#: Writes of several frames made by flush_burst() during the burst under way.
+_flushed = 0
+
+
+def begin_burst() -> bool:
+    """Start queueing :func:`fan_out`'s frames instead of writing them: until
+    :func:`end_burst`, every connection's frames are collected in order, then written with
+    one ``transport.write`` per connection (the system-call floor: one ``send()`` carries
+    all of a connection's frames of a broker burst; docs/benchmarks.md, "Coalesced writes").
+
+    Returns False (and changes nothing) when a burst is already under way: then the caller
+    must not call :func:`end_burst`, the outer burst's owner will. Call it and
+    :func:`end_burst` in one synchronous step, with nothing awaited in between: nothing
+    waits for more frames, only what is already at hand is coalesced.
+    """
+    global _burst
+    if _burst is not None:
+        return False
+    _burst = []
+    return True
+
+
+def flush_burst() -> None:
+    """Write what the burst under way has queued so far and keep the burst open (a no-op
+    outside a burst). Call it before anything that may change the connection sets queued
+    (a subscribe or disconnect decided inside the burst) or write to a connection outside
+    :func:`fan_out`; :func:`send_text` does it itself. Its writes count in
+    :func:`end_burst`'s result."""
+    global _flushed
+    burst = _burst
+    if not burst:
+        return
+    entries = burst[:]
+    burst.clear()
+    _flushed += _write_burst(entries)
+
+
+def end_burst() -> int:
+    """End the burst begun by :func:`begin_burst`: write every connection's queued frames,
+    in the order they were queued, with one ``transport.write`` of their concatenation (a
+    connection with permessage-deflate gets them through ``broadcast()``, one frame at a
+    time, as :func:`fan_out` does). What :func:`fan_out` checks per message (the connection
+    is OPEN, its transport not closing) is checked once here, at the write: nothing inside a
+    synchronous burst can close a connection. A write that passes ``--max-buffer-bytes``
+    reports the connection as a slow consumer exactly as a single frame's write does
+    (:meth:`HubConnection.pause_writing`: dropped with 4008 on the next loop iteration).
+
+    Returns the number of writes of the burst that carried more than one frame (those of
+    :func:`flush_burst` included; ``hub_coalesced_writes``).
+    """
+    global _burst, _flushed
+    entries, flushed = _burst, _flushed
+    _burst, _flushed = None, 0
+    if not entries:
+        return flushed
+    return flushed + _write_burst(entries)
+
+
+def _serialize(text: bytes) -> bytes:
+    return Frame(Opcode.TEXT, text).serialize(mask=False, extensions=[])
+
+
+def _write_burst(entries: list[tuple[Iterable[HubConnection], bytes]]) -> int:
+    if len(entries) == 1:
+        conns, text = entries[0]
+        _write_now(conns, text)
+        return 0
+    audience = entries[0][0]
+    for conns, _ in entries:
+        if conns is not audience:
+            return _write_mixed(entries)
+    # One audience (one channel's subscribers; the common burst): one concatenation, the
+    # same bytes to every connection.
+    texts = [text for _, text in entries]
+    wire = b"".join([_serialize(text) for text in texts])
+    others: list[HubConnection] = []
+    writes = 0
+    for conn in audience:
+        protocol = conn.protocol
+        if protocol.state is not State.OPEN or conn.transport.is_closing():
+            continue
+        if protocol.extensions:
+            others.append(conn)
+            continue
+        writes += 1
+        try:
+            conn.transport.write(wire)
+        except Exception as exc:
+            logger.debug("fan-out write failed: %s", exc)
+    if others:
+        for text in texts:
+            broadcast(others, text, text=True)
+    return writes
+
+
+def _write_mixed(entries: list[tuple[Iterable[HubConnection], bytes]]) -> int:
+    """Several audiences (channels) in one burst: each connection's frames, in order."""
+    wires = [_serialize(text) for _, text in entries]
+    frames: dict[HubConnection, list[int]] = {}
+    for index, (conns, _) in enumerate(entries):
+        for conn in conns:
+            mine = frames.get(conn)
+            if mine is None:
+                frames[conn] = [index]
+            else:
+                mine.append(index)
+    writes = 0
+    for conn, indices in frames.items():
+        protocol = conn.protocol
+        if protocol.state is not State.OPEN or conn.transport.is_closing():
+            continue
+        if protocol.extensions:
+            for index in indices:
+                broadcast((conn,), entries[index][1], text=True)
+            continue
+        if len(indices) == 1:
+            data = wires[indices[0]]
+        else:
+            data = b"".join([wires[index] for index in indices])
+            writes += 1
+        try:
+            conn.transport.write(data)
+        except Exception as exc:
+            logger.debug("fan-out write failed: %s", exc)
+    return writes
+
+
 def send_text(conn: HubConnection, text: bytes) -> None:
     """Send the UTF-8 JSON ``text`` to ``conn`` now, without waiting (like :func:`fan_out`
-    for one connection); nothing is sent when ``conn`` is not open."""
+    for one connection); nothing is sent when ``conn`` is not open. Inside a burst, what it
+    has queued is written first (:func:`flush_burst`), so that ``text`` keeps its place after
+    the frames fanned out before it."""
+    if _burst:
+        flush_burst()
     broadcast((conn,), text, text=True)
 
 

@@ -33,6 +33,12 @@ class Metrics:
                                 registry=r)
         self.deliveries = Counter("hub_deliveries", "Messages written to local connections",
                                   registry=r)
+        self.burst_messages = Counter(
+            "hub_burst_messages", "Broker messages that reached the node in a burst (more "
+            "than one read at once), whose frames were coalesced per connection", registry=r)
+        self.coalesced_writes = Counter(
+            "hub_coalesced_writes", "Transport writes that carried several frames of one "
+            "broker burst to one connection (one write instead of one per frame)", registry=r)
         self.errors = Counter("hub_errors", "Error replies sent to clients, by code", ["code"],
                               registry=r)
         self.slow_consumers = Counter("hub_slow_consumers_closed", "Connections closed with "

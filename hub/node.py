@@ -6,7 +6,9 @@ which looks the channel up in the registry, returns at once if nobody local list
 delivery frame once and hands it to :func:`hub.connection.fan_out`, which writes the same
 wire bytes to every local subscriber; a connection whose write buffer passes the limit on the
 way is dropped right after as a slow consumer (close code 4008). The node knows connections
-only through :mod:`hub.connection`.
+only through :mod:`hub.connection`. Several messages that reached the broker's reader at once
+come in one :meth:`Node.on_publications` call: each connection then gets all its frames of
+that burst in one write (docs/benchmarks.md, "Coalesced writes").
 
 A payload larger than ``max_payload_bytes`` (``--max-payload-bytes``) is delivered to nobody:
 buffered once per recipient it would cost every connection its write buffer (and 4008). It is
@@ -32,7 +34,15 @@ import orjson
 
 from .brokers.base import Broker, Publication, StreamPosition
 from .channels import ChannelRules
-from .connection import HubConnection, close_or_abort, fan_out, send_text
+from .connection import (
+    HubConnection,
+    begin_burst,
+    close_or_abort,
+    end_burst,
+    fan_out,
+    flush_burst,
+    send_text,
+)
 from .control import Control
 from .exceptions import BrokerUnavailable
 from .history.base import History
@@ -159,6 +169,7 @@ class Node:
         conns = self.registry.by_channel.get(channel)
         if not conns:
             if channel[:1] == "$":  # a reserved channel: the control channel's messages
+                flush_burst()  # it may subscribe or drop connections queued in a burst
                 self.control.receive(publication)
             return
         if publication.presence:
@@ -170,6 +181,29 @@ class Node:
             streams.on_publication(publication)
             return
         self.deliver(publication, conns)
+
+    def on_publications(self, publications: list[Publication]) -> None:
+        """Several broker messages that arrived together (a burst: the link's reader had them
+        at hand at once), in order: each is handled as :meth:`on_publication` handles it, but
+        every connection gets all of its frames of the burst in one write
+        (:func:`hub.connection.begin_burst`). Order per channel and per connection is that
+        of ``publications``; nothing waits for more. An exception from one publication is
+        logged and that one dropped, as the link does for a single one."""
+        if len(publications) == 1:
+            self.on_publication(publications[0])
+            return
+        self.metrics.burst_messages.inc(len(publications))
+        owner = begin_burst()
+        try:
+            on_publication = self.on_publication
+            for publication in publications:
+                try:
+                    on_publication(publication)
+                except Exception:  # one bad message must not cost the burst
+                    logger.exception("delivery failed on %r", publication.channel)
+        finally:
+            if owner:
+                self.metrics.coalesced_writes.inc(end_burst())
 
     def deliver(self, publication: Publication, conns: Iterable[HubConnection]) -> None:
         """Write ``publication`` to ``conns`` (one frame for all; its offset in it when it has

@@ -19,10 +19,14 @@ Channel names here are hub names (``news``), never Redis keys (``hub:news``).
 from __future__ import annotations
 
 import abc
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["Broker", "BrokerHandler", "Publication", "StreamPosition"]
+__all__ = ["Broker", "BrokerHandler", "Publication", "StreamPosition", "batch_handler"]
+
+logger = logging.getLogger("hub.broker")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +68,11 @@ class BrokerHandler(Protocol):
 
     def on_publication(self, publication: Publication) -> None:
         """A message published to a channel this broker is subscribed to."""
+
+    # Optional (see batch_handler): ``on_publications(publications: list[Publication]) ->
+    # None``, several messages that reached the broker together (a burst: the Redis link's
+    # reader had them all at hand at once), in order. It must handle each as
+    # on_publication would; a handler without it gets one on_publication call per message.
 
     def on_gap(self, channels: list[str]) -> None:
         """Messages of ``channels`` may have been lost in an outage that is now over."""
@@ -165,3 +174,24 @@ class Broker(abc.ABC):
         ``presence=True``. Raises :class:`hub.exceptions.BrokerUnavailable` as
         :meth:`publish` does (and :class:`NotImplementedError` for a broker without it)."""
         raise NotImplementedError(f"{type(self).__name__} carries no presence events")
+
+
+def batch_handler(handler: BrokerHandler) -> Callable[[list[Publication]], None]:
+    """The function a broker hands a burst of publications to (a list, in arrival order,
+    usually of more than one): the handler's optional ``on_publications`` (the node's
+    coalesces the writes, :meth:`hub.node.Node.on_publications`), or, for a handler without
+    one, a loop over its ``on_publication``. Never raises itself."""
+    many: Callable[[list[Publication]], None] | None = getattr(handler, "on_publications",
+                                                               None)
+    if many is not None:
+        return many
+    one = handler.on_publication
+
+    def each(publications: list[Publication]) -> None:
+        for publication in publications:
+            try:
+                one(publication)
+            except Exception:  # as a single message's: logged, that one dropped
+                logger.exception("delivery failed on %r", publication.channel)
+
+    return each

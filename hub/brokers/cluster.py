@@ -41,7 +41,7 @@ from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from redis.exceptions import AskError, RedisError, ResponseError
 
 from ..exceptions import BrokerUnavailable
-from .base import Broker
+from .base import Broker, batch_handler
 from .link import (
     BACKOFF_CAP,
     SHARDED,
@@ -320,14 +320,14 @@ class ClusterBroker(Broker):
         for node in set(self.links) - masters:
             logger.info("redis cluster %s: %s no longer serves slots", self.name, node)
             await self.links.pop(node).stop()
-        deliver = self.handler.on_publication
+        deliver, deliver_many = self.handler.on_publication, batch_handler(self.handler)
         for node in masters - set(self.links):
             host, _, port = node.rpartition(":")
             link = self.links[node] = PubSubLink(
                 node_url(self.seed_url, host, int(port)), self, prefix=self.prefix,
                 probe_interval=self.probe_interval, timeout=self.timeout, flavour=SHARDED,
                 history=self.history, presence=self.presence)
-            link.start(deliver)
+            link.start(deliver, deliver_many)
         self.state_changed()
         for channel in list(self._want):
             await self._place(channel)

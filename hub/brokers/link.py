@@ -41,9 +41,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
+from redis._parsers.hiredis import NOT_ENOUGH_DATA as _NOTHING
+from redis._parsers.hiredis import _AsyncHiredisParser
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
 from ..history.base import parse_history_message
@@ -130,6 +133,44 @@ def no_retry_client(url: str, timeout: float) -> aioredis.Redis:
     """
     return aioredis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), socket_timeout=timeout,
                                    socket_connect_timeout=timeout, health_check_interval=0)
+
+
+async def _buffered_reply(pubsub: aioredis.client.PubSub) -> Any:
+    """The next reply already complete in the parser buffer of ``pubsub``'s connection,
+    taken out of it and made what ``PubSub.parse_response`` would return for it (give it to
+    ``PubSub.handle_message``; an error reply is returned as its ``ResponseError``), or
+    ``_NOTHING`` when no reply is complete there. Never reads the socket: it awaits only
+    redis-py's push handler, which does no I/O.
+
+    redis-py (8.x) reads a pub/sub connection through its hiredis parser: each socket read
+    (up to 64 KiB) is fed to a ``hiredis.Reader``, whose ``gets()`` returns the next complete
+    reply or the ``notEnoughData`` sentinel; ``get_message`` takes one reply from it and
+    reads the socket only when it has none. This does what the parser's ``read_response``
+    does with a reply it has (RESP3 push replies through ``handle_push_response``, the
+    connection errors raised), minus the socket read. With another parser every reply goes
+    through ``get_message``, one at a time. tests/integration/test_coalesce.py guards these
+    details of redis-py."""
+    conn = pubsub.connection
+    if conn is None:
+        return _NOTHING
+    parser = conn._parser
+    if type(parser) is not _AsyncHiredisParser or not parser._connected:
+        return _NOTHING
+    reader = parser._reader
+    if reader is None:
+        return _NOTHING
+    response = reader.gets()
+    if response is _NOTHING:
+        return _NOTHING
+    if isinstance(response, RedisConnectionError):
+        raise response
+    push = parser._hiredis_PushNotificationType
+    if push is not None and isinstance(response, push):
+        return await parser.handle_push_response(response)
+    if isinstance(response, list) and response and isinstance(response[0],
+                                                               RedisConnectionError):
+        raise response[0]
+    return response
 
 
 async def stop_task(task: asyncio.Task[Any] | None, timeout: float = 2.0) -> bool:
@@ -244,12 +285,14 @@ class PubSubLink:
         self._confirmed: set[bytes] = set()  # Redis channels confirmed on this connection
         self.name = redact_url(url)
         self.prefix = prefix
+        self._prefix_str = prefix.decode()
         self.flavour = flavour
         self.probe_interval = probe_interval
         self.timeout = timeout
         self.confirm_timeout = max(5.0, 2 * timeout)
         self._owner = owner
         self._deliver: Callable[[Publication], None] | None = None
+        self._deliver_many: Callable[[list[Publication]], None] | None = None
         self._live: set[str] = set()
         self._ready = False
         self._reconnects = 0
@@ -329,10 +372,15 @@ class PubSubLink:
 
     # -- commands --------------------------------------------------------------------------
 
-    def start(self, deliver: Callable[[Publication], None]) -> None:
+    def start(self, deliver: Callable[[Publication], None],
+              deliver_many: Callable[[list[Publication]], None] | None = None) -> None:
         """Start the link task; every message received goes to ``deliver``, which must not
-        block (an exception from it is logged and the message dropped)."""
+        block (an exception from it is logged and the message dropped). With
+        ``deliver_many`` (:func:`hub.brokers.base.batch_handler`), the messages the reader
+        finds already complete in its buffer after one (a burst) go there together, in
+        order, in one call (see :meth:`_read`)."""
         self._deliver = deliver
+        self._deliver_many = deliver_many
         self._probe_event = asyncio.Event()
         self._task = asyncio.create_task(self._run(), name=f"redis-link {self.name}")
 
@@ -473,67 +521,127 @@ class PubSubLink:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _read(self, pubsub: aioredis.client.PubSub, probe: bytes, token: str) -> None:
-        """The one reader of the link. Hands messages to ``deliver`` without awaiting."""
+        """The one reader of the link. Hands messages to ``deliver`` without awaiting.
+
+        Bursts: after each message it reads, the reader takes every further reply that is
+        already complete in the connection's parser buffer (:func:`_buffered_reply`: the
+        bytes of one socket read, up to redis-py's 64 KiB, never awaiting the socket) and
+        hands the publications among them to ``deliver_many`` in one call, in order. It
+        never waits for more: a reply not yet complete ends the burst and is read as usual.
+        Anything but a publication (a confirmation, a pong, the probe, an error) ends the
+        burst too: the burst is handed over first, then that reply is handled, so the order
+        of everything on the link is kept.
+        """
         deliver = self._deliver
         assert deliver is not None, "start() first"
-        owner, live, confirmed = self._owner, self._live, self._confirmed
-        plen = len(self.prefix)
-        prefix = self.prefix.decode()
+        deliver_many = self._deliver_many
         get_message = pubsub.get_message
-        flavour = self.flavour
-        message, subscribed, unsubscribed = flavour.message, flavour.subscribe, flavour.unsubscribe
+        handle_message = pubsub.handle_message
+        message = self.flavour.message
+        publication_of = self._publication
+        take = _buffered_reply if deliver_many is not None else None
         while True:
             try:
                 msg = await get_message(timeout=None)
             except ResponseError as exc:
-                owner.refused(self, exc)
+                self._owner.refused(self, exc)
                 continue
             if msg is None:
                 continue
-            kind = msg["type"]
-            if kind == message:
-                name = msg["channel"]
-                if name == probe:
-                    self._probe_returned(int(msg["data"]))
-                    continue
-                try:
-                    if name[:1] == b"{" and name[-3:] == b"}:j":
-                        channel = name[1 + plen:-3]
-                        if name[1:1 + plen] != self.prefix or not channel or b"}" in channel:
-                            continue
-                        deliver(Publication(channel.decode(), msg["data"], presence=True))
-                    elif name[:1] == b"{":
-                        try:
-                            publication = parse_history_message(name, msg["data"],
-                                                                prefix=prefix)
-                        except ValueError as exc:  # not the hub's function: skip it
-                            logger.debug("redis %s: %s", self.name, exc)
-                            continue
+            if msg["type"] != message or msg["channel"] == probe:
+                self._control(msg, probe, token)
+                continue
+            publication = publication_of(msg["channel"], msg["data"])
+            reply = _NOTHING if take is None else await take(pubsub)
+            if reply is _NOTHING:  # the usual case below saturation: one message
+                if publication is not None:
+                    try:
                         deliver(publication)
+                    except Exception:  # one bad message must not deafen the hub
+                        logger.exception("redis %s: delivery failed", self.name)
+                continue
+            assert take is not None and deliver_many is not None
+            burst = [] if publication is None else [publication]
+            after: Any = None  # the reply that ended the burst, handled after it
+            try:
+                while reply is not _NOTHING:
+                    if isinstance(reply, ResponseError):
+                        after = reply
+                        break
+                    msg = (await handle_message(reply)  # type: ignore[no-untyped-call]
+                           if reply else None)
+                    if msg is None:
+                        pass
+                    elif msg["type"] != message or msg["channel"] == probe:
+                        after = msg
+                        break
                     else:
-                        deliver(Publication(name[plen:].decode(), msg["data"]))
-                except Exception:  # one bad message must not deafen the hub
-                    logger.exception("redis %s: delivery failed", self.name)
-            elif kind == subscribed:
-                name = msg["channel"]
-                if name != probe:
-                    channel = self._channel_of(name)
-                    confirmed.add(name)
-                    if (owner.carries(self, channel)
-                            and confirmed.issuperset(self.keys(channel))):
-                        live.add(channel)
-                        owner.confirmed(self, channel)
-            elif kind == unsubscribed:
-                confirmed.discard(msg["channel"])
-                channel = self._channel_of(msg["channel"])
-                if owner.dropped(self, channel):
-                    live.discard(channel)
-            elif kind == "pong":
-                data = msg["data"]
-                if isinstance(data, bytes):
-                    data = data.decode(errors="replace")
-                if data == token and self._barrier is not None and not self._barrier.done():
-                    self._barrier.set_result(None)
+                        publication = publication_of(msg["channel"], msg["data"])
+                        if publication is not None:
+                            burst.append(publication)
+                    reply = await take(pubsub)
+            finally:  # also when the link fails mid-burst: what was read is handed over
+                if burst:
+                    try:
+                        if len(burst) == 1:
+                            deliver(burst[0])
+                        else:
+                            deliver_many(burst)
+                    except Exception:
+                        logger.exception("redis %s: delivery failed", self.name)
+            if isinstance(after, ResponseError):
+                self._owner.refused(self, after)
+            elif after is not None:
+                self._control(after, probe, token)
+
+    def _publication(self, name: bytes, data: bytes) -> Publication | None:
+        """The publication of a pub/sub message on Redis channel ``name`` (its own, its
+        history or its presence channel), or None to skip it (not the hub's; logged)."""
+        plen = len(self.prefix)
+        try:
+            if name[:1] == b"{" and name[-3:] == b"}:j":
+                channel = name[1 + plen:-3]
+                if name[1:1 + plen] != self.prefix or not channel or b"}" in channel:
+                    return None
+                return Publication(channel.decode(), data, presence=True)
+            if name[:1] == b"{":
+                try:
+                    return parse_history_message(name, data, prefix=self._prefix_str)
+                except ValueError as exc:  # not the hub's function: skip it
+                    logger.debug("redis %s: %s", self.name, exc)
+                    return None
+            return Publication(name[plen:].decode(), data)
+        except Exception:  # one bad message must not deafen the hub
+            logger.exception("redis %s: delivery failed", self.name)
+            return None
+
+    def _control(self, msg: dict[str, Any], probe: bytes, token: str) -> None:
+        """Every reply of the pub/sub connection but a publication: the probe coming back,
+        subscribe and unsubscribe confirmations, the pong of the connect barrier."""
+        owner, live, confirmed = self._owner, self._live, self._confirmed
+        kind = msg["type"]
+        flavour = self.flavour
+        if kind == flavour.message:  # the probe
+            self._probe_returned(int(msg["data"]))
+        elif kind == flavour.subscribe:
+            name = msg["channel"]
+            if name != probe:
+                channel = self._channel_of(name)
+                confirmed.add(name)
+                if owner.carries(self, channel) and confirmed.issuperset(self.keys(channel)):
+                    live.add(channel)
+                    owner.confirmed(self, channel)
+        elif kind == flavour.unsubscribe:
+            confirmed.discard(msg["channel"])
+            channel = self._channel_of(msg["channel"])
+            if owner.dropped(self, channel):
+                live.discard(channel)
+        elif kind == "pong":
+            data = msg["data"]
+            if isinstance(data, bytes):
+                data = data.decode(errors="replace")
+            if data == token and self._barrier is not None and not self._barrier.done():
+                self._barrier.set_result(None)
 
     def _probe_returned(self, seq: int) -> None:
         """The reader got probe ``seq`` back: record the round trip, wake the probe task."""

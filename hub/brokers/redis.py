@@ -21,7 +21,7 @@ from collections.abc import Callable
 from redis.exceptions import RedisError, ResponseError
 
 from ..exceptions import BrokerUnavailable
-from .base import Broker
+from .base import Broker, batch_handler
 from .link import PubSubLink
 
 __all__ = ["RedisBroker"]
@@ -55,7 +55,7 @@ class RedisBroker(Broker):
     # -- Broker interface ------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._link.start(self.handler.on_publication)
+        self._link.start(self.handler.on_publication, batch_handler(self.handler))
 
     async def stop(self) -> None:
         await self._link.stop()

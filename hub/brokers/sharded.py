@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Callable, Sequence
 
 from ..sharding import shard_index
-from .base import Broker, BrokerHandler, Publication
+from .base import Broker, BrokerHandler, Publication, batch_handler
 
 __all__ = ["ShardedBroker"]
 
@@ -84,18 +84,21 @@ class ShardedBroker(Broker):
 class _Relay:
     """The handler of every shard of one :class:`ShardedBroker`.
 
-    Publications and gaps go to the composite's handler with no extra call (the attributes are
-    its bound methods: this is the hot path); a state change of any shard is reported as the
+    Publications (one, or a burst: ``on_publications``, see
+    :func:`~hub.brokers.base.batch_handler`) and gaps go to the composite's handler with no
+    extra call (the attributes are its bound methods: this is the hot path); a state change
+    of any shard is reported as the
     composite's :attr:`~ShardedBroker.connected`, after its :attr:`~ShardedBroker.reconnects`
     (the sum over the shards) has counted it.
     """
 
-    __slots__ = ("_broker", "_handler", "on_gap", "on_publication")
+    __slots__ = ("_broker", "_handler", "on_gap", "on_publication", "on_publications")
 
     def __init__(self, broker: ShardedBroker, handler: BrokerHandler) -> None:
         self._broker = broker
         self._handler = handler
         self.on_publication: Callable[[Publication], None] = handler.on_publication
+        self.on_publications: Callable[[list[Publication]], None] = batch_handler(handler)
         self.on_gap: Callable[[list[str]], None] = handler.on_gap
 
     def on_state(self, connected: bool) -> None:
