@@ -54,6 +54,7 @@ __all__ = [
     "publisher_main",
     "source_addresses",
     "start_hub",
+    "tcp_counters",
     "terminate",
     "wait_ready",
     "write_config",
@@ -95,10 +96,10 @@ def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"hub exited with {proc.returncode}")
-        with contextlib.suppress(urllib.error.URLError, OSError):
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
-                if r.status == 200:
-                    return
+        with contextlib.suppress(urllib.error.URLError, OSError), \
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+            if r.status == 200:
+                return
         time.sleep(0.05)
     raise TimeoutError(f"hub on {port}: /readyz not 200 after {timeout} s")
 
@@ -125,6 +126,25 @@ def busy_seconds() -> float:
     t = psutil.cpu_times()
     return sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0) - getattr(
         t, "guest_nice", 0.0)
+
+
+def tcp_counters() -> dict[str, int]:
+    """Machine-wide TCP counters of /proc/net/netstat that tell why connects wait:
+    ``ListenOverflows`` (accept queue full), ``ListenDrops``, ``TCPReqQFullDrop``,
+    ``SyncookiesSent``, ``TCPTimeouts``, ``TCPSynRetrans``; {} when unreadable."""
+    wanted = ("ListenOverflows", "ListenDrops", "TCPReqQFullDrop", "TCPReqQFullDoCookies",
+              "SyncookiesSent", "TCPTimeouts", "TCPSynRetrans")
+    try:
+        with open("/proc/net/netstat", encoding="ascii") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return {}
+    out: dict[str, int] = {}
+    for head, values in zip(lines[::2], lines[1::2], strict=False):
+        for k, v in zip(head.split()[1:], values.split()[1:], strict=False):
+            if k in wanted:
+                out[k] = int(v)
+    return out
 
 
 def source_addresses(clients: int, per_address: int = 8000) -> list[str]:
@@ -291,7 +311,7 @@ class _Client:
 
     __slots__ = ("acked", "attempts", "caught_at", "closed_at", "codes", "dups", "epoch",
                  "errors", "failed", "hist", "holes", "index", "last", "missing", "opened_at",
-                 "plain", "received", "recovered", "source", "storm", "sub_id", "target",
+                 "phase", "plain", "received", "recovered", "source", "storm", "sub_id", "target",
                  "unavailable", "ws")
 
     def __init__(self, index: int, hist: str | None, plain: str | None,
@@ -308,6 +328,7 @@ class _Client:
         self.attempts = 0  # connect attempts since the storm mark
         self.codes: dict[str, int] = {}  # close codes / connect errors since the mark
         self.storm = False
+        self.phase = "new"  # sleeping, connecting, open, closing, stopped
         self.closed_at = self.opened_at = self.caught_at = 0.0
 
     def subscribe(self) -> None:
@@ -322,9 +343,7 @@ class _Client:
     def seen(self, offset: int, now: float) -> None:
         last = self.last
         self.received += 1
-        if last is None:
-            self.last = offset
-        elif offset == last + 1:
+        if last is None or offset == last + 1:
             self.last = offset
         elif offset <= last:
             self.dups += 1
@@ -373,6 +392,7 @@ class _Gen:
         self.last_rx: dict[int, float] = {}
         self.other = 0
         self.first_error: str | None = None
+        self.samples: dict[str, str] = {}  # first message of each connect error type
         self.tasks: list[asyncio.Task] = []
 
     def handler(self, c: _Client) -> Any:
@@ -418,11 +438,13 @@ class _Gen:
         attempt, first = 0, True
         while not self.stopping:
             if not first:
+                c.phase = "sleeping"
                 await asyncio.sleep(random.uniform(0, min(self.max_delay,
                                                           self.min_delay * 2 ** attempt)))
                 if self.stopping:
                     return
             c.attempts += 1
+            c.phase = "connecting"
             try:
                 if first and self.gate is not None:
                     async with self.gate:
@@ -435,6 +457,8 @@ class _Gen:
                 attempt += 1
                 key = type(exc).__name__
                 c.codes[key] = c.codes.get(key, 0) + 1
+                if key not in self.samples:
+                    self.samples[key] = str(exc)[:200]
                 continue
             first = False
             c.ws, c.acked = ws, False
@@ -443,6 +467,7 @@ class _Gen:
             if c.plain is not None:
                 ws.send_now(orjson.dumps({"op": "subscribe", "channel": c.plain, "id": 0}))
             c.subscribe()
+            c.phase = "open"
             await ws.closed
             c.ws = None
             key = str(ws.close_code or "tcp")
@@ -452,8 +477,9 @@ class _Gen:
             attempt = 0 if c.acked else attempt + 1
             if ws.close_code is not None and 4000 <= ws.close_code < 5000 and \
                     ws.close_code not in (4005, 4008, 4009, 4029):
+                c.phase = "stopped"
                 return  # the SDK policy: stop
-        return
+        c.phase = "stopped"
 
     def mark_storm(self) -> None:
         self.storm_at = time.time()
@@ -462,9 +488,15 @@ class _Gen:
             c.storm, c.closed_at, c.opened_at, c.caught_at = True, 0.0, 0.0, 0.0
             c.attempts, c.codes = 0, {}
 
-    def status(self) -> dict[str, int]:
+    def status(self) -> dict[str, Any]:
         cs = self.clients
-        return {"open": sum(1 for c in cs if c.ws is not None and c.ws.state == "OPEN"),
+        phases: dict[str, int] = {}
+        for c in cs:
+            phase = "closing" if c.phase == "open" and c.ws is not None \
+                and c.ws.state != "OPEN" else c.phase
+            phases[phase] = phases.get(phase, 0) + 1
+        return {"phases": phases,
+                "open": sum(1 for c in cs if c.ws is not None and c.ws.state == "OPEN"),
                 "acked": sum(1 for c in cs if c.acked and c.ws is not None),
                 "closed": sum(1 for c in cs if c.closed_at),
                 "caught": sum(1 for c in cs if c.storm and c.caught_at > self.storm_at
@@ -483,7 +515,7 @@ class _Gen:
             "missing": sum(c.missing for c in cs),
             "recovered": sum(c.recovered for c in cs), "failed": sum(c.failed for c in cs),
             "unavailable": sum(c.unavailable for c in cs), "errors": sum(c.errors for c in cs),
-            "first_error": self.first_error, "codes": codes,
+            "first_error": self.first_error, "codes": codes, "samples": self.samples,
             "attempts": sum(c.attempts for c in cs), "other_frames": self.other,
             "open": sum(1 for c in cs if c.ws is not None and c.ws.state == "OPEN"),
             "last": {str(c.index): [c.hist, c.last, c.epoch] for c in cs},

@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop waiting after this many seconds without a delivery (default 5)")
     p.add_argument("--time-limit", type=float, default=30.0,
                    help="seconds a run may publish (default 30)")
+    p.add_argument("--idle", type=float, default=3.0,
+                   help="seconds of Redis idle CPU measured per layout, subtracted from every "
+                        "run's Redis CPU (default 3)")
     p.add_argument("--out", default=None,
                    help="output directory (default bench/results/history-<UTC time>/)")
     return p
@@ -131,9 +134,18 @@ def _stop_loadgen(workers: list) -> None:
             proc.join(2)
 
 
+def _idle_redis(rstats: RedisStats, seconds: float) -> float:
+    """Redis CPU cores with the clients connected and nothing published (the hub's probes
+    and keepalives): subtracted from every run's Redis CPU."""
+    rstats.mark()
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    return rstats.read()[0] / (time.monotonic() - t0)
+
+
 def _one_run(run: int, mode: str, rate: float, count: int, channels: int, per: int,
              args: argparse.Namespace, pub: Any, workers: list, hub: list[psutil.Process],
-             rstats: RedisStats, redis_proc: psutil.Process) -> dict[str, Any]:
+             rstats: RedisStats, redis_proc: psutil.Process, idle: float) -> dict[str, Any]:
     ns = HIST if mode == "history" else PLAIN
     names = [f"{ns}:c{k}" for k in range(channels)]
     msg_rate = rate / per if rate > 0 else 0.0
@@ -161,6 +173,8 @@ def _one_run(run: int, mode: str, rate: float, count: int, channels: int, per: i
     pct = np.percentile(lat, [50, 99]) if lat.size else [float("nan")] * 2
     hub_cpu, lg_cpu = hub1 - hub0, lg1 - lg0
     wall = wall1 - wall0
+    raw_redis = redis_cpu
+    redis_cpu = max(0.0, redis_cpu - idle * wall)  # net of the idle background
     return {
         "run": run, "mode": mode, "layout": f"{channels}x{per}", "rate": rate,
         "msg_rate": msg_rate, "published": res["published"], "publish_errors": res["errors"],
@@ -168,7 +182,8 @@ def _one_run(run: int, mode: str, rate: float, count: int, channels: int, per: i
         "expected": expected, "received": received, "lost": expected - received,
         "deliveries_per_s": received / span if span > 0 else 0.0,
         "p50_ms": float(pct[0]), "p99_ms": float(pct[1]),
-        "redis_cpu_s": redis_cpu, "redis_psutil_cpu_s": rd1 - rd0,
+        "redis_cpu_s": redis_cpu, "redis_raw_cpu_s": raw_redis,
+        "redis_idle_cores": idle, "redis_psutil_cpu_s": rd1 - rd0,
         "redis_us_per_msg": redis_cpu / res["published"] * 1e6 if res["published"] else None,
         "redis_us_per_delivery": redis_cpu / received * 1e6 if received else None,
         "hub_cpu_s": hub_cpu,
@@ -202,7 +217,7 @@ def report(rows: list[dict]) -> str:
         if (r["layout"], r["rate"]) not in keys:
             keys.append((r["layout"], r["rate"]))
     out = ["| layout | deliveries/s offered | mode | published | deliveries/s | p50 ms | p99 ms "
-           "| lost | Redis CPU us/msg | Redis CPU us/delivery | hub CPU us/delivery "
+           "| lost | Redis CPU us/msg (net of idle) | Redis CPU us/delivery | hub CPU us/delivery "
            "| loadgen cores | other cores |", "|" + "---|" * 13]
     ratio = ["| layout | deliveries/s offered | Redis CPU history/plain | hub CPU history/plain "
              "| deliveries/s history/plain | goal (Redis <= 2x) |", "|" + "---|" * 6]
@@ -249,7 +264,7 @@ def report(rows: list[dict]) -> str:
                          f"{_f(x('hub_us_per_delivery'), 2)}x | "
                          f"{_f(x('deliveries_per_s'), 2)}x | "
                          f"{'-' if rr is None else ('met' if rr <= 2 else 'not met')} |")
-    return "\n".join(out + [""] + ratio + [""] + cmd)
+    return "\n".join([*out, "", *ratio, "", *cmd])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"python -m bench.history: {exc}", file=sys.stderr)
         return 2
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     out = args.out or os.path.join(REPO, "bench", "results", f"history-{stamp}")
     logdir = os.path.join(out, "logs")
     os.makedirs(logdir, exist_ok=True)
@@ -309,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
                               0.0, args.size, 10.0))
                     _recv(pub, 40, "publisher warm-up")
                 time.sleep(1.0)
+                idle = _idle_redis(rstats, args.idle)
+                print(f"  Redis idle (clients connected, nothing published): "
+                      f"{idle * 1e3:.2f} ms CPU per s", flush=True)
                 fixed = [r for r in rates if r > 0]
                 for rate in rates:
                     if args.messages:
@@ -320,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                         for mode in (("plain", "history") if rep % 2 == 0
                                      else ("history", "plain")):
                             row = _one_run(run, mode, rate, count, channels, per, args, pub,
-                                           workers, hub, rstats, redis_proc)
+                                           workers, hub, rstats, redis_proc, idle)
                             run += 1
                             rows.append(row)
                             print(f"  {row['layout']} rate={_rate(rate)} {mode}: "

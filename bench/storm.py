@@ -49,6 +49,7 @@ from .histkit import (
     publisher_main,
     source_addresses,
     start_hub,
+    tcp_counters,
     terminate,
     wait_ready,
     write_config,
@@ -82,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reconnect backoff start in seconds (default 0.25, the SDKs')")
     p.add_argument("--max-delay", type=float, default=10.0,
                    help="reconnect backoff cap in seconds (default 10, the SDKs')")
+    p.add_argument("--connect-timeout", type=float, default=10.0,
+                   help="seconds a client's TCP connect + handshake may take before it counts "
+                        "as failed and backs off (default 10, websockets' open_timeout)")
     p.add_argument("--warm", type=float, default=3.0,
                    help="seconds of traffic before the restart (default 3)")
     p.add_argument("--after", type=float, default=2.0,
@@ -162,7 +166,7 @@ def run_storm(args: argparse.Namespace, out: str) -> dict[str, Any]:
                      for i in range(w, n, procs_n)]
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=loadgen_main, daemon=True,
-                               args=(child, url, specs, 32, 30.0, args.min_delay,
+                               args=(child, url, specs, 32, args.connect_timeout, args.min_delay,
                                      args.max_delay))
             proc.start()
             child.close()
@@ -186,6 +190,7 @@ def run_storm(args: argparse.Namespace, out: str) -> dict[str, Any]:
         # -- the storm ------------------------------------------------------------------
         _ask(workers, ("storm",))
         rstats.mark()
+        tcp0 = tcp_counters()
         rd0 = cpu_seconds([redis_proc])
         t_term = time.time()
         result["shutdown_s"] = terminate(hub_proc, 60)
@@ -198,12 +203,22 @@ def run_storm(args: argparse.Namespace, out: str) -> dict[str, Any]:
         hub_cpu_ready = cpu_seconds(hub_tree)
         timeline = []
         t_all = None
+        last_print = time.time()
         deadline = time.monotonic() + args.timeout
         while time.monotonic() < deadline:
             st = _ask(workers, ("status",))
             now = time.time()
-            row = {k: sum(s[k] for s in st) for k in ("open", "acked", "caught", "closed")}
+            row: dict[str, Any] = {k: sum(s[k] for s in st)
+                                   for k in ("open", "acked", "caught", "closed")}
+            phases: dict[str, int] = {}
+            for s in st:
+                for k, v in s["phases"].items():
+                    phases[k] = phases.get(k, 0) + v
+            row["phases"] = phases
             timeline.append({"t": now - t_spawn, **row})
+            if now - last_print >= 5:
+                last_print = now
+                print(f"  +{now - t_spawn:.1f} s: {row}", flush=True)
             if row["caught"] >= n:
                 t_all = now
                 break
@@ -213,6 +228,8 @@ def run_storm(args: argparse.Namespace, out: str) -> dict[str, Any]:
         hub_cpu_all = cpu_seconds(hub_tree) if hub_tree else cpu_seconds([new_hub])
         redis_cpu, cmdstats = rstats.read()
         rd1 = cpu_seconds([redis_proc])
+        tcp1 = tcp_counters()
+        result["tcp"] = {k: tcp1[k] - tcp0.get(k, 0) for k in tcp1}
         t_end = t_all or time.time()
         result.update(
             recovered_all=t_all is not None,
@@ -249,7 +266,9 @@ def run_storm(args: argparse.Namespace, out: str) -> dict[str, Any]:
         caught = [t - t_spawn for rep in reports for t in rep["caught_at"]]
         recover = [x for rep in reports for x in rep["recover_s"]]
         codes: dict[str, int] = {}
+        samples: dict[str, str] = {}
         for rep in reports:
+            samples.update(rep["samples"])
             for k, v in rep["codes"].items():
                 codes[k] = codes.get(k, 0) + v
         sums = {k: sum(r[k] for r in reports) for k in
@@ -265,7 +284,7 @@ def run_storm(args: argparse.Namespace, out: str) -> dict[str, Any]:
                     "wrong_epoch_at_end": wrong_epoch, "errors": sums["errors"],
                     "open_at_end": sums["open"]},
             received=sums["received"], unavailable_retries=sums["unavailable"],
-            attempts=sums["attempts"], codes=codes,
+            attempts=sums["attempts"], codes=codes, error_samples=samples,
             reconnected=len(opened),
             opened_pct_s=_pct(opened), caught_pct_s=_pct(caught),
             recover_pct_s=_pct(recover),
@@ -308,11 +327,11 @@ def report(r: dict[str, Any]) -> str:
     stats = r.get("commandstats", {})
     top = sorted(stats.items(), key=lambda kv: -kv[1]["usec"])[:8]
     lines = [
-        f"| clients | channels | hub workers | publish rate msg/s | hub SIGTERM to exit s "
-        f"| spawn to ready s | all recovered, from spawn s | from SIGTERM s "
-        f"| reconnects p50/p90/p99/max s | recovered p50/p90/p99/max s "
-        f"| reconnect to recovered p50/p99/max s | connect rate /s (peak) | attempts | Redis CPU s (cores) | hub CPU start-up s "
-        f"| hub CPU storm s (cores) |",
+        "| clients | channels | hub workers | publish rate msg/s | hub SIGTERM to exit s "
+        "| spawn to ready s | all recovered, from spawn s | from SIGTERM s "
+        "| reconnects p50/p90/p99/max s | recovered p50/p90/p99/max s "
+        "| reconnect to recovered p50/p99/max s | connect rate /s (peak) | attempts "
+        "| Redis CPU s (cores) | hub CPU start-up s | hub CPU storm s (cores) |",
         "|" + "---|" * 16,
         f"| {r['clients']} | {r['channels']} | {r['workers']} | {r['rate']:g} | "
         f"{_f(r.get('shutdown_s'))} | {_f(r.get('restart_to_ready_s'))} | "
@@ -326,6 +345,8 @@ def report(r: dict[str, Any]) -> str:
         "",
         f"checks: {r.get('checks')}; ok: {r.get('ok')}",
         f"close codes / connect errors seen by the clients: {r.get('codes')}",
+        f"first message of each connect error: {r.get('error_samples')}",
+        f"TCP counters over the storm (machine-wide, /proc/net/netstat): {r.get('tcp')}",
         f"'unavailable' retries: {r.get('unavailable_retries')}; published "
         f"{r.get('published')} (errors {r.get('publish_errors')}); deliveries "
         f"{r.get('received')}",
@@ -341,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         print("python -m bench.storm: --clients, --channels and --rate must be positive",
               file=sys.stderr)
         return 2
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     out = args.out or os.path.join(REPO, "bench", "results", f"storm-{stamp}")
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
     raise_nofile()
