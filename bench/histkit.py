@@ -276,9 +276,16 @@ def publisher_main(ctrl: Connection, config: str) -> None:
 
 
 class _Conn(LeanConnection):
-    """A lean connection that remembers the close code the server sent."""
+    """A lean connection that remembers the close code the server sent, and ignores a
+    handshake response that arrives after its connect timed out (LeanConnection would set
+    the result of its cancelled ``opened`` future and log a fatal transport error)."""
 
     close_code: int | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if self.state == "CONNECTING" and self.opened.done():
+            return  # given up (timeout): the transport is being aborted
+        super().data_received(data)
 
     def _frame(self, b0: int, payload: bytes) -> None:
         if b0 & 0x0F == 8 and self.close_code is None:

@@ -45,6 +45,7 @@ import psutil
 from .histkit import (
     HIST,
     RedisStats,
+    busy_seconds,
     loadgen_main,
     publisher_main,
     source_addresses,
@@ -191,6 +192,8 @@ def run_storm(args: argparse.Namespace, out: str) -> dict[str, Any]:
         _ask(workers, ("storm",))
         rstats.mark()
         tcp0 = tcp_counters()
+        loadgen = [psutil.Process(p.pid) for p, _ in workers]
+        lg0, busy0 = cpu_seconds(loadgen), busy_seconds()
         rd0 = cpu_seconds([redis_proc])
         t_term = time.time()
         result["shutdown_s"] = terminate(hub_proc, 60)
@@ -229,6 +232,13 @@ def run_storm(args: argparse.Namespace, out: str) -> dict[str, Any]:
         redis_cpu, cmdstats = rstats.read()
         rd1 = cpu_seconds([redis_proc])
         tcp1 = tcp_counters()
+        lg1, busy1 = cpu_seconds(loadgen), busy_seconds()
+        wall = time.time() - t_term
+        # CPU the machine spent outside the hub, Redis and the load generators (the
+        # publisher's ~0.05 core included): other people's jobs on a shared box
+        result["loadgen_cores"] = (lg1 - lg0) / wall
+        result["other_cores"] = max(0.0, (busy1 - busy0) - (lg1 - lg0) - (rd1 - rd0)
+                                    - hub_cpu_all) / wall
         result["tcp"] = {k: tcp1[k] - tcp0.get(k, 0) for k in tcp1}
         t_end = t_all or time.time()
         result.update(
@@ -344,6 +354,8 @@ def report(r: dict[str, Any]) -> str:
         f"{_f(r.get('hub_cpu_storm_s'))} ({_f(r.get('hub_cores_storm'))}) |",
         "",
         f"checks: {r.get('checks')}; ok: {r.get('ok')}",
+        f"load generators {_f(r.get('loadgen_cores'))} cores, other jobs on the machine "
+        f"{_f(r.get('other_cores'))} cores over the storm",
         f"close codes / connect errors seen by the clients: {r.get('codes')}",
         f"first message of each connect error: {r.get('error_samples')}",
         f"TCP counters over the storm (machine-wide, /proc/net/netstat): {r.get('tcp')}",
