@@ -442,6 +442,20 @@ class _Gen:
         return on_message
 
     async def life(self, c: _Client) -> None:
+        """Run ``c``: connect, subscribe, reconnect after a close (see the module doc)."""
+        try:
+            await self._life(c)
+        except asyncio.CancelledError:
+            if not self.stopping:
+                c.phase = "cancelled"
+                self.samples.setdefault("cancelled", f"client {c.index} in {c.phase}")
+            raise
+        except Exception as exc:  # a bench bug: say so in the report, never hang silently
+            c.phase = "crashed"
+            self.samples.setdefault("crash", f"{type(exc).__name__}: {exc}"[:300])
+            raise
+
+    async def _life(self, c: _Client) -> None:
         attempt, first = 0, True
         while not self.stopping:
             if not first:
@@ -459,7 +473,11 @@ class _Gen:
                                          self.timeout)
                 else:
                     ws = await _open(self.url + f"?user=u{c.index}", c.source, self.timeout)
-            except Exception as exc:
+            except (Exception, asyncio.CancelledError) as exc:
+                # CancelledError: Python 3.11's wait_for can let the inner cancellation out
+                # when the handshake completes as the timeout fires; only ours ends the task
+                if isinstance(exc, asyncio.CancelledError) and self.stopping:
+                    raise
                 first = False
                 attempt += 1
                 key = type(exc).__name__
