@@ -40,6 +40,7 @@ from urllib.parse import urlsplit
 import orjson
 import psutil
 import redis
+from websockets.exceptions import InvalidHandshake
 from websockets.frames import Close
 
 from .client import fields
@@ -281,10 +282,14 @@ class _Conn(LeanConnection):
     the result of its cancelled ``opened`` future and log a fatal transport error)."""
 
     close_code: int | None = None
+    status_line: bytes = b""  # the first line of the handshake response
 
     def data_received(self, data: bytes) -> None:
-        if self.state == "CONNECTING" and self.opened.done():
-            return  # given up (timeout): the transport is being aborted
+        if self.state == "CONNECTING":
+            if self.opened.done():
+                return  # given up (timeout): the transport is being aborted
+            if not self.status_line:
+                self.status_line = data.partition(b"\r\n")[0][:60]
         super().data_received(data)
 
     def _frame(self, b0: int, payload: bytes) -> None:
@@ -304,13 +309,20 @@ async def _open(uri: str, source: str | None, timeout: float) -> _Conn:
             local_addr=(source, 0) if source else None)
         try:
             await conn.opened
-        except BaseException:
+        except BaseException as exc:
             if conn.transport is not None:
                 conn.transport.abort()
+            if isinstance(exc, InvalidHandshake) and conn.status_line.startswith(b"HTTP/"):
+                # a refusal (503, 429...): name its status, not the parser's complaint
+                raise _Refused(conn.status_line.decode("latin-1")) from None
             raise
         return conn
 
     return await asyncio.wait_for(go(), timeout)
+
+
+class _Refused(Exception):
+    """The server answered the handshake with another status than 101."""
 
 
 class _Client:
@@ -481,6 +493,8 @@ class _Gen:
                 first = False
                 attempt += 1
                 key = type(exc).__name__
+                if isinstance(exc, _Refused):
+                    key = " ".join(str(exc).split()[1:2]) or key  # the status code
                 c.codes[key] = c.codes.get(key, 0) + 1
                 if key not in self.samples:
                     self.samples[key] = str(exc)[:200]
