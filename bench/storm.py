@@ -345,8 +345,11 @@ def report(r: dict[str, Any]) -> str:
         "|" + "---|" * 16,
         f"| {r['clients']} | {r['channels']} | {r['workers']} | {r['rate']:g} | "
         f"{_f(r.get('shutdown_s'))} | {_f(r.get('restart_to_ready_s'))} | "
-        f"{_f(r.get('storm_from_spawn_s'))} | {_f(r.get('storm_from_sigterm_s'))} | "
-        f"{'/'.join(_f(x, 1) for x in o)} | {'/'.join(_f(x, 1) for x in c)} | "
+        + (f"{_f(r.get('storm_from_spawn_s'))} | {_f(r.get('storm_from_sigterm_s'))} | "
+           if r.get("recovered_all") else
+           f"{r.get('reconnected')} of {r['clients']} within "
+           f"{_f(r.get('storm_from_spawn_s'), 0)} | - | ")
+        + f"{'/'.join(_f(x, 1) for x in o)} | {'/'.join(_f(x, 1) for x in c)} | "
         f"{'/'.join(_f(x, 2) for x in rv)} | "
         f"{_f(r.get('connect_rate_per_s'), 0)} ({r.get('connect_rate_peak_per_s', '-')}) | "
         f"{r.get('attempts', '-')} | {_f(r.get('redis_cpu_s'))} "
