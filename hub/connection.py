@@ -118,8 +118,8 @@ class HubConnection(ServerConnection):
     # Slots, not __dict__ entries: eight more keys made every connection's instance dict
     # resize (the figure is in docs/benchmarks.md, "Where the time goes").
     __slots__ = ("commands", "counted", "deadline", "dropping", "expiry", "frames", "frames_at",
-                 "handshaking", "pending", "ping_sent", "ping_slice", "private", "refilled",
-                 "refused", "remote", "tokens", "user")
+                 "handshaking", "lost", "pending", "ping_sent", "ping_slice", "private",
+                 "refilled", "refused", "remote", "tokens", "user")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -133,6 +133,10 @@ class HubConnection(ServerConnection):
         self.remote = "?"
         self.dropping = False
         self.counted = False
+        #: True from ``connection_lost`` on: the owner has forgotten it, and nothing may
+        #: count or register it again (a request and the EOF read in one loop iteration
+        #: reach the handshake callbacks after connection_lost).
+        self.lost = False
         self.tokens = 0.0
         self.refilled = 0.0
         self.commands = 0
@@ -257,6 +261,7 @@ class HubConnection(ServerConnection):
         super().process_event(event)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
         super().connection_lost(exc)
         if self.keepalive_timer is not None:
             self.keepalive_timer.discard(self)

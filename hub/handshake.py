@@ -107,6 +107,11 @@ class Handshake:
         if path != "/ws":
             return self.refuse(conn, path, http.HTTPStatus.NOT_FOUND,
                                "not found; the WebSocket endpoint is /ws")
+        if conn.lost:
+            # The request and the client's EOF came in one read: connection_lost ran before
+            # this callback, so nothing may be counted or registered now (it would never be
+            # released: a leak that ends in 503 "too many connections" for everyone).
+            return conn.respond(http.HTTPStatus.BAD_REQUEST, "connection lost\n")
         origins = request.headers.get_all("Origin")
         if len(origins) > 1:
             return self.refuse(conn, path, http.HTTPStatus.BAD_REQUEST,
@@ -168,7 +173,7 @@ class Handshake:
                             response.status_code, conn.remote,
                             request.path.partition("?")[0][:100], str(exc)[:200])
             return None
-        if conn.pending:
+        if conn.pending or conn.lost:  # lost: forgotten already, never to be attached again
             return None
         self.node.attach(conn)
         if conn.user is None:

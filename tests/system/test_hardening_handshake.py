@@ -304,3 +304,40 @@ async def test_accept_errors_are_counted_and_logged_rate_limited(caplog):
     assert len(accept_lines) == 1
     assert metric_total(metrics.render().decode(), "hub_accept_errors_total") == 1000
     assert any(r.getMessage() == "something else" for r in caplog.records)  # passed on
+
+
+async def test_clients_gone_right_after_their_request_leak_nothing(hub_factory):
+    """A client that sends its handshake request and resets the connection at once (a
+    connect timeout in a reconnect storm) may have its request and its reset read in one
+    loop iteration: connection_lost then runs before the handshake callbacks, which must
+    neither count nor register the connection (else the count leaks until every handshake
+    gets 503 "too many connections", and the registry keeps dead connections)."""
+    import socket
+    import struct
+
+    hub = hub_factory("--max-connections", "5")
+    request = (b"GET /ws?user=u%d HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+               b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+               b"Sec-WebSocket-Version: 13\r\n\r\n")
+
+    def storm() -> None:
+        # As fast as the kernel takes them, so that many wait in the accept queue with their
+        # request and their reset already there when the hub reads them.
+        for _ in range(5):
+            socks = [socket.create_connection(("127.0.0.1", hub.port)) for _ in range(100)]
+            for i, s in enumerate(socks):
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                s.sendall(request % i)
+            for s in socks:
+                s.close()  # an RST at once (linger 0)
+
+    await asyncio.to_thread(storm)
+
+    def settled() -> bool:
+        text = hub.http_get("/metrics")[1].decode()
+        return metric_total(text, "hub_connections") == 0
+    wait_until(settled, 10, what="no connection left registered")
+    for _ in range(6):  # more than --max-connections, one after the other: never 503
+        async with connect(hub.ws_url + "?user=alive") as ws:
+            await ws.send('{"op":"ping","id":1}')
+            assert "pong" in await asyncio.wait_for(ws.recv(), 5)
