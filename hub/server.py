@@ -59,6 +59,9 @@ CLOSE_TIMEOUT = 5.0
 #: Seconds the whole opening handshake may take beyond --handshake-timeout: the hub's own
 #: work before the 101 (the personal channel's subscription waits up to 5 s for Redis).
 OPEN_MARGIN = 10.0
+#: The WebSocket port's accept queue (listen(2) backlog; the kernel caps it at
+#: net.core.somaxconn, 4096 on current Linux).
+LISTEN_BACKLOG = 4096
 
 
 class Hub:
@@ -170,6 +173,9 @@ class Hub:
                 # SO_REUSEADDR is asyncio's and uvloop's default on POSIX: TIME-WAIT
                 # connections of an earlier hub on the port do not block the bind.
                 reuse_port=reuse_port or None,
+                # asyncio's default accept queue is 100: a reconnect storm of thousands of
+                # clients overflowed it (SYN retries, connect timeouts; bench.storm).
+                backlog=LISTEN_BACKLOG,
                 ssl=tls,
                 start_serving=False,  # bound, so every configuration error is behind us
             )

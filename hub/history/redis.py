@@ -29,6 +29,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -97,16 +99,27 @@ async def call_function(client: AnyRedis, function: str, keys: Sequence[str], *a
             connection_retry = False
 
 
+#: Connections per Redis of a store's client (history, presence). More commands at once
+#: wait for a free connection (up to the command timeout) instead of failing: a recovery
+#: storm (10,000 clients reading their history at once) must queue, not error
+#: (docs/benchmarks.md, "History and recovery under load").
+STORE_MAX_CONNECTIONS = 100
+
+
 def no_retry_clients(urls: Sequence[str], *, cluster: bool, timeout: float) -> list[AnyRedis]:
     """One asyncio client per URL (or one Redis Cluster client for the seed URL), each with
     ``timeout`` seconds per command and no automatic retries: the stores decide what may be
-    sent again (:func:`call_function`)."""
+    sent again (:func:`call_function`). A one-Redis client has a blocking pool of
+    :data:`STORE_MAX_CONNECTIONS` connections: a command past them waits up to ``timeout``
+    seconds for one (redis-py's default pool raises "Too many connections" at once)."""
     if cluster:
         return [RedisCluster.from_url(urls[0], socket_timeout=timeout,
                                       socket_connect_timeout=timeout, retry=None,
                                       cluster_error_retry_attempts=0)]
-    return [aioredis.Redis.from_url(url, socket_timeout=timeout,
-                                    socket_connect_timeout=timeout, retry=None)
+    return [aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
+                url, max_connections=STORE_MAX_CONNECTIONS, timeout=timeout,
+                socket_timeout=timeout, socket_connect_timeout=timeout, retry=None),
+                           retry=Retry(NoBackoff(), 0))  # one try: call_function decides
             for url in urls]
 
 
