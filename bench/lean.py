@@ -159,7 +159,8 @@ class LeanConnection(asyncio.Protocol):
                         or InvalidHandshake("no handshake response"))
             return b""
         self.state = "OPEN"
-        self.opened.set_result(None)
+        if not self.opened.done():  # else its connect timed out: the caller gave up on it
+            self.opened.set_result(None)
         return rest
 
     # -- API used by the load generator ----------------------------------------------------
