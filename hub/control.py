@@ -339,7 +339,11 @@ class Control:
                         int(message["channels"]), float(message["uptime"]),
                         bool(message["ready"]))
         new = node_id not in self._peers
-        self._peers[node_id] = (time.monotonic(), info)
+        now = time.monotonic()
+        self._peers[node_id] = (now, info)
+        if new:  # forget the processes gone meanwhile (every restart brings a new id)
+            for gone in [n for n, (seen, _) in self._peers.items() if now - seen > NODE_TTL]:
+                del self._peers[gone]
         if new and self._hello is None and self._task is not None:
             # Tell the newcomer about this process now rather than at the next heartbeat.
             loop = asyncio.get_running_loop()

@@ -219,3 +219,33 @@ async def test_publisher_server_side_commands(tmp_path, redis_server, hub_factor
             await command(alice, op="ping", id=1)
         await assert_alive(bob)
         await no_message(bob)
+
+
+@pytest.mark.cluster
+async def test_control_on_a_redis_cluster(tmp_path, cluster, hub_factory):
+    """The control channel is a sharded channel in a Redis Cluster (SSUBSCRIBE/SPUBLISH in
+    the slot of its name): the API's commands and heartbeats, and Publisher.disconnect with
+    cluster=True, reach both processes."""
+    from tests.helpers import free_port
+    from tests.system.test_api import KEY
+
+    api_port = free_port()
+    args = ("--redis-cluster", "--redis-url", cluster.url, "--probe-interval", "0.5",
+            "--probe-timeout", "1")
+    a = hub_factory(*args, "--api-port", str(api_port), "--api-key", KEY)
+    a.api = f"http://127.0.0.1:{api_port}"
+    b = hub_factory(*args)
+    async with open_ws(a.ws_url + "?user=alice") as alice_a, \
+            open_ws(b.ws_url + "?user=alice") as alice_b:
+        await wait_nodes(a, 2)
+        assert await post(a, "/api/subscribe", {"user": "alice", "channel": "news"}) == (
+            200, {"processes": 2})
+        for ws in (alice_a, alice_b):
+            assert await recv_json(ws) == {"type": "subscribed", "channel": "news"}
+        counts = {c["channel"]: c["subscribers"]
+                  for c in (await post(a, "/api/channels", {}))[1]["channels"]}
+        assert counts == {"news": 2, "user:alice": 2}
+        async with AsyncPublisher(cluster.url, cluster=True) as pub:
+            assert await pub.disconnect("alice") == 2
+        for ws in (alice_a, alice_b):
+            assert (await wait_close(ws, 5))[0] == 4003
