@@ -53,6 +53,7 @@ __all__ = [
     "busy_seconds",
     "loadgen_main",
     "publisher_main",
+    "recv",
     "source_addresses",
     "start_hub",
     "tcp_counters",
@@ -62,6 +63,18 @@ __all__ = [
 ]
 
 HIST, PLAIN = "hist", "plain"  # the namespaces of the configuration file
+
+
+def recv(conn: Any, timeout: float, what: str) -> Any:
+    """The next message of a worker process's pipe ``conn`` (a tuple, its tag first); raises
+    TimeoutError after ``timeout`` seconds and RuntimeError for an ``("error", text)``
+    answer, naming ``what``."""
+    if not conn.poll(timeout):
+        raise TimeoutError(f"no answer from {what} within {timeout:.0f} s")
+    msg = conn.recv()
+    if msg[0] == "error":
+        raise RuntimeError(f"{what} failed: {msg[1]}")
+    return msg
 
 
 def write_config(path: str, redis_url: str, history_size: int, history_ttl: float = 600.0,

@@ -42,6 +42,7 @@ from .histkit import (
     busy_seconds,
     loadgen_main,
     publisher_main,
+    recv,
     start_hub,
     terminate,
     wait_ready,
@@ -98,15 +99,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _recv(conn: Any, timeout: float, what: str) -> Any:
-    if not conn.poll(timeout):
-        raise TimeoutError(f"no answer from {what} within {timeout:.0f} s")
-    msg = conn.recv()
-    if msg[0] == "error":
-        raise RuntimeError(f"{what} failed: {msg[1]}")
-    return msg
-
-
 def _start_loadgen(ctx: Any, url: str, channels: int, per: int, procs: int) -> list:
     n = channels * per
     workers = []
@@ -127,7 +119,7 @@ def _stop_loadgen(workers: list) -> None:
             conn.send(("close",))
     for proc, conn, _ in workers:
         with contextlib.suppress(Exception):
-            _recv(conn, 15, "load generator close")
+            recv(conn, 15, "load generator close")
         proc.join(5)
         if proc.is_alive():
             proc.kill()
@@ -155,12 +147,12 @@ def _one_run(run: int, mode: str, rate: float, count: int, channels: int, per: i
         cpu_seconds([redis_proc])
     wall0 = time.time()
     pub.send(("run", run, names, count, msg_rate, args.size, args.time_limit))
-    res = _recv(pub, args.time_limit + 30, "publisher")[1]
+    res = recv(pub, args.time_limit + 30, "publisher")[1]
     deadline = time.time() + args.drain
     for _, conn, specs in workers:
         expected = sum(res["counts"].get(f"{ns}:c{int(s[0]) % channels}", 0) for s in specs)
         conn.send(("collect", run, expected, deadline, args.quiet))
-    parts = [_recv(conn, args.drain + 30, "load generator")[1] for _, conn, _ in workers]
+    parts = [recv(conn, args.drain + 30, "load generator")[1] for _, conn, _ in workers]
     wall1 = time.time()
     redis_cpu, cmdstats = rstats.read()
     hub1, lg1, busy1, rd1 = cpu_seconds(hub), cpu_seconds(loadgen), busy_seconds(), \
@@ -304,13 +296,13 @@ def main(argv: list[str] | None = None) -> int:
         pub_proc = ctx.Process(target=publisher_main, daemon=True, args=(child, config))
         pub_proc.start()
         child.close()
-        _recv(pub, 30, "publisher start")
+        recv(pub, 30, "publisher start")
         run = 0
         for channels, per in layouts:
             workers = _start_loadgen(ctx, f"ws://127.0.0.1:{port}/ws", channels, per,
                                      args.loadgen_procs)
             try:
-                ready = [_recv(c, max(90.0, channels * per / 40), "load generator")[1]
+                ready = [recv(c, max(90.0, channels * per / 40), "load generator")[1]
                          for _, c, _ in workers]
                 acked = sum(r["acked"] for r in ready)
                 print(f"layout {channels}x{per}: {acked} clients subscribed in "
@@ -322,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
                     ns = HIST if mode == "history" else PLAIN
                     pub.send(("run", -1, [f"{ns}:c{k}" for k in range(channels)], channels,
                               0.0, args.size, 10.0))
-                    _recv(pub, 40, "publisher warm-up")
+                    recv(pub, 40, "publisher warm-up")
                 time.sleep(1.0)
                 idle = _idle_redis(rstats, args.idle)
                 print(f"  Redis idle (clients connected, nothing published): "
@@ -349,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                                   flush=True)
                 for _, c, _ in workers:
                     c.send(("expect", {}, time.time()))
-                checks = [_recv(c, 30, "load generator report")[1] for _, c, _ in workers]
+                checks = [recv(c, 30, "load generator report")[1] for _, c, _ in workers]
                 for chk in checks:
                     chk.pop("last", None)
                 check = {k: sum(c[k] for c in checks) for k in

@@ -48,6 +48,7 @@ from .histkit import (
     busy_seconds,
     loadgen_main,
     publisher_main,
+    recv,
     source_addresses,
     start_hub,
     tcp_counters,
@@ -98,19 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _recv(conn: Any, timeout: float, what: str) -> Any:
-    if not conn.poll(timeout):
-        raise TimeoutError(f"no answer from {what} within {timeout:.0f} s")
-    msg = conn.recv()
-    if msg[0] == "error":
-        raise RuntimeError(f"{what} failed: {msg[1]}")
-    return msg
-
-
 def _ask(workers: list, cmd: tuple, answer_timeout: float = 30.0) -> list:
     for _, conn in workers:
         conn.send(cmd)
-    return [_recv(conn, answer_timeout, f"load generator {cmd[0]}")[1] for _, conn in workers]
+    return [recv(conn, answer_timeout, f"load generator {cmd[0]}")[1] for _, conn in workers]
 
 
 def _pct(values: list[float], qs: tuple[int, ...] = (50, 90, 99, 100)) -> list[float | None]:
@@ -156,7 +148,7 @@ def run_storm(args: argparse.Namespace, out: str) -> dict[str, Any]:
         pub_proc = ctx.Process(target=publisher_main, daemon=True, args=(child, config))
         pub_proc.start()
         child.close()
-        _recv(pub, 30, "publisher start")
+        recv(pub, 30, "publisher start")
 
         sources = source_addresses(n, args.per_address)
         url = f"ws://127.0.0.1:{port}/ws"
@@ -172,7 +164,7 @@ def run_storm(args: argparse.Namespace, out: str) -> dict[str, Any]:
             proc.start()
             child.close()
             workers.append((proc, parent))
-        ready = [_recv(c, max(120.0, n / 40), "load generator")[1] for _, c in workers]
+        ready = [recv(c, max(120.0, n / 40), "load generator")[1] for _, c in workers]
         acked = sum(r["acked"] for r in ready)
         result["setup_connect_s"] = time.monotonic() - t0
         print(f"storm: {acked}/{n} clients subscribed in {result['setup_connect_s']:.1f} s "
@@ -257,7 +249,7 @@ def run_storm(args: argparse.Namespace, out: str) -> dict[str, Any]:
         time.sleep(args.after)
         pub.send(("stop",))
         publishing = False
-        done = _recv(pub, 30, "publisher")[1]
+        done = recv(pub, 30, "publisher")[1]
         finals = done["positions"]
         result.update(published=done["published"], publish_errors=done["errors"],
                       publish_first_error=done["first_error"])
@@ -311,7 +303,7 @@ def run_storm(args: argparse.Namespace, out: str) -> dict[str, Any]:
                 conn.send(("close",))
         for proc, conn in workers:
             with contextlib.suppress(Exception):
-                _recv(conn, 20, "load generator close")
+                recv(conn, 20, "load generator close")
             proc.join(5)
             if proc.is_alive():
                 proc.kill()

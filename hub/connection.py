@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from websockets import http11
@@ -401,8 +401,19 @@ def fan_out(conns: Iterable[HubConnection], text: bytes) -> None:
 
 
 def _write_now(conns: Iterable[HubConnection], text: bytes) -> None:
-    wire = None
+    _write_to(conns, _serialize(text), (text,))
+
+
+def _serialize(text: bytes) -> bytes:
+    return Frame(Opcode.TEXT, text).serialize(mask=False, extensions=[])
+
+
+def _write_to(conns: Iterable[HubConnection], wire: bytes, texts: Sequence[bytes]) -> int:
+    """Write ``wire`` (the serialized frames of ``texts``) to every open connection of
+    ``conns`` without permessage-deflate, and ``texts`` through ``broadcast()``, one frame
+    at a time, to those with it; return the number of ``wire`` writes."""
     others: list[HubConnection] = []
+    writes = 0
     for conn in conns:
         protocol = conn.protocol
         if protocol.state is not State.OPEN or conn.transport.is_closing():
@@ -410,14 +421,15 @@ def _write_now(conns: Iterable[HubConnection], text: bytes) -> None:
         if protocol.extensions:
             others.append(conn)
             continue
-        if wire is None:
-            wire = Frame(Opcode.TEXT, text).serialize(mask=False, extensions=[])
+        writes += 1
         try:
             conn.transport.write(wire)
         except Exception as exc:
             logger.debug("fan-out write failed: %s", exc)
     if others:
-        broadcast(others, text, text=True)
+        for text in texts:
+            broadcast(others, text, text=True)
+    return writes
 
 
 def ping(conns: Iterable[HubConnection], payload: bytes) -> int:
@@ -508,10 +520,6 @@ def end_burst() -> int:
     return flushed + _write_burst(entries)
 
 
-def _serialize(text: bytes) -> bytes:
-    return Frame(Opcode.TEXT, text).serialize(mask=False, extensions=[])
-
-
 def _write_burst(entries: list[tuple[Iterable[HubConnection], bytes]]) -> int:
     if len(entries) == 1:
         conns, text = entries[0]
@@ -524,25 +532,7 @@ def _write_burst(entries: list[tuple[Iterable[HubConnection], bytes]]) -> int:
     # One audience (one channel's subscribers; the common burst): one concatenation, the
     # same bytes to every connection.
     texts = [text for _, text in entries]
-    wire = b"".join([_serialize(text) for text in texts])
-    others: list[HubConnection] = []
-    writes = 0
-    for conn in audience:
-        protocol = conn.protocol
-        if protocol.state is not State.OPEN or conn.transport.is_closing():
-            continue
-        if protocol.extensions:
-            others.append(conn)
-            continue
-        writes += 1
-        try:
-            conn.transport.write(wire)
-        except Exception as exc:
-            logger.debug("fan-out write failed: %s", exc)
-    if others:
-        for text in texts:
-            broadcast(others, text, text=True)
-    return writes
+    return _write_to(audience, b"".join([_serialize(text) for text in texts]), texts)
 
 
 def _write_mixed(entries: list[tuple[Iterable[HubConnection], bytes]]) -> int:

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fnmatch
 import logging
 import os
@@ -455,8 +456,7 @@ class _Request:
 
 
 def _aged(info: NodeInfo, age: float) -> NodeInfo:
-    return NodeInfo(info.node, info.name, info.version, info.pid, info.host, info.connections,
-                    info.subscriptions, info.channels, info.uptime + age, info.ready, age)
+    return dataclasses.replace(info, uptime=info.uptime + age, age=age)
 
 
 def _text(value: object) -> str:
