@@ -94,9 +94,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle", type=float, default=3.0,
                    help="seconds of Redis idle CPU measured per layout, subtracted from every "
                         "run's Redis CPU (default 3)")
+    p.add_argument("--redis-cpu", type=int, default=None, metavar="N",
+                   help="pin redis-server to CPU N and everything else (hub, publisher, "
+                        "load generators) to the other CPUs, as when Redis has a machine of "
+                        "its own (default: no pinning, all share every CPU)")
     p.add_argument("--out", default=None,
                    help="output directory (default bench/results/history-<UTC time>/)")
     return p
+
+
+def _pin(redis_pid: int, cpu: int) -> str:
+    """Pin ``redis_pid`` to CPU ``cpu`` and this process (and so every process it starts
+    later) to the other CPUs. Returns a line for the report. Raises ValueError when ``cpu``
+    is not one this process may run on or is the only one."""
+    cpus = os.sched_getaffinity(0)
+    if cpu not in cpus or len(cpus) < 2:
+        raise ValueError(f"--redis-cpu {cpu}: this process runs on CPUs {sorted(cpus)}; "
+                         f"pinning needs CPU {cpu} among them and at least one other")
+    os.sched_setaffinity(redis_pid, {cpu})
+    others = cpus - {cpu}
+    os.sched_setaffinity(0, others)
+    return f"redis-server pinned to CPU {cpu}; hub, publisher, load generators on {sorted(others)}"
 
 
 def _start_loadgen(ctx: Any, url: str, channels: int, per: int, procs: int) -> list:
@@ -275,6 +293,14 @@ def main(argv: list[str] | None = None) -> int:
     raise_nofile()
     ctx = mp.get_context("spawn")
     server = RedisServer(logdir)
+    if args.redis_cpu is not None:
+        assert server.proc is not None
+        try:
+            print(_pin(server.proc.pid, args.redis_cpu), flush=True)
+        except ValueError as exc:
+            server.kill()
+            print(f"python -m bench.history: {exc}", file=sys.stderr)
+            return 2
     hub_proc = pub_proc = None
     pub = None
     rows: list[dict] = []
