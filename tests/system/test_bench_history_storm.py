@@ -73,3 +73,27 @@ def test_bench_storm_recovers_every_client_once(tmp_path) -> None:
     assert checks["open_at_end"] == 20, checks
     assert result["codes"].get("1001") == 20  # every client saw the graceful stop
     assert result["published"] > 0 and result["publish_errors"] == 0
+
+
+@pytest.mark.timeout(120)
+@needs_redis
+@pytest.mark.skipif(shutil.which("redis-benchmark") is None
+                    and not os.path.exists("/usr/bin/redis-benchmark"),
+                    reason="needs the redis-benchmark binary")
+def test_bench_lua_floor_runs_every_command(tmp_path) -> None:
+    out = tmp_path / "floor"
+    done = _run("bench.lua_floor", "--requests", "300", "--repeat", "1", "--batch", "3",
+                "--out", str(out), timeout=100)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    body = json.loads((out / "lua_floor.json").read_text())
+    names = [row["command"] for row in body["table"]]
+    assert names == ["publish", "fcall-empty", "fcall-pub", "fcall-min", "fcall-min~",
+                     "hub_publish", "fcall-batch"]
+    for row in body["table"]:
+        assert row["calls"] == 300, row
+        # every command ran inside Redis as many times as asked (the functions' own calls too)
+        top = "publish" if row["command"] == "publish" else "fcall"
+        assert row["inside"][top]["calls"] == 300, row
+    batch = body["table"][-1]
+    assert batch["messages"] == 900 and batch["inside"]["xadd"]["calls"] == 900
+    assert "| hub_publish |" in done.stdout
