@@ -145,8 +145,10 @@ def _guard(path: str, what: str, fn: Callable[[], list[str]]) -> list[str]:
     """Run ``fn``; a missing key or a wrong type becomes a PlotError naming the file."""
     try:
         return fn()
-    except PlotError:
-        raise
+    except PlotError as exc:
+        if str(exc).startswith(path):
+            raise
+        raise PlotError(f"{path}: {exc}") from exc
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
         raise PlotError(f"{path}: not shaped as {what} writes it "
                         f"({type(exc).__name__}: {exc})") from exc
