@@ -365,7 +365,8 @@ def _storm(body: dict[str, Any], out: str) -> list[str]:
     per = r.get("per_client") or {}
     plt = _pyplot()
     paths = []
-    fig, ax = plt.subplots(figsize=(9, 4.8))
+    fig, (ax, low) = plt.subplots(2, 1, figsize=(9, 6.4), sharex=True,
+                                  gridspec_kw={"height_ratios": (2, 1)})
     try:
         tl = r["timeline"]
         if per.get("opened_s") is not None:
@@ -380,14 +381,16 @@ def _storm(body: dict[str, Any], out: str) -> list[str]:
         ax.plot([row["t"] for row in tl], [row["open"] for row in tl], ":", color="0.4",
                 label="connections open (sampled)")
         ax.axhline(n, color="0.6", lw=0.8)
-        ready = _num(r.get("restart_to_ready_s"))
-        if ready is not None:
-            ax.axvline(ready, color="tab:purple", ls="--", lw=1, label="new hub ready")
-        sigterm = _num(r.get("sigterm_s"))
-        if sigterm is not None:
-            ax.axvline(sigterm, color="tab:red", ls="--", lw=1, label="old hub SIGTERM")
-        ax.set_xlabel("time since the new hub process was spawned (s)")
+        for axis in (ax, low):
+            ready = _num(r.get("restart_to_ready_s"))
+            if ready is not None:
+                axis.axvline(ready, color="tab:purple", ls="--", lw=1, label="new hub ready")
+            sigterm = _num(r.get("sigterm_s"))
+            if sigterm is not None:
+                axis.axvline(sigterm, color="tab:red", ls="--", lw=1, label="old hub SIGTERM")
+            axis.grid(True, alpha=0.3)
         ax.set_ylabel("clients")
+        ax.legend(fontsize=8, loc="upper left")
         attempts = r.get("attempts_s")
         if attempts:
             lo, hi = min(attempts), max(attempts)
@@ -396,16 +399,16 @@ def _storm(body: dict[str, Any], out: str) -> list[str]:
             counts = [0] * nb
             for t in attempts:
                 counts[min(nb - 1, int((t - lo) / width))] += 1
-            ax2 = ax.twinx()
-            ax2.stairs([c / width for c in counts], [lo + i * width for i in range(nb + 1)],
-                       color="tab:orange", alpha=0.7,
-                       label=f"connect attempts /s (right axis; bins of {width:.2g} s)")
-            ax2.set_ylabel("connect attempts per second", color="tab:orange")
-            handles = [*ax.get_legend_handles_labels()[0], *ax2.get_legend_handles_labels()[0]]
-            ax.legend(handles=handles, fontsize=8, loc="lower right")
+            low.stairs([c / width for c in counts], [lo + i * width for i in range(nb + 1)],
+                       color="tab:orange", fill=True, alpha=0.6,
+                       label=f"connect attempts /s ({len(attempts)} in all; bins of "
+                             f"{width:.2g} s)")
+            low.legend(fontsize=8, loc="upper right")
         else:
-            ax.legend(fontsize=8, loc="lower right")
-        ax.grid(True, alpha=0.3)
+            low.text(0.5, 0.5, "no connect attempt times in this run", ha="center",
+                     transform=low.transAxes, color="0.4")
+        low.set_ylabel("attempts per second")
+        low.set_xlabel("time since the new hub process was spawned (s)")
         done = (f"all {n} recovered {r['storm_from_spawn_s']:.1f} s after the spawn"
                 if r.get("recovered_all") else f"not all {n} recovered")
         ax.set_title(f"Recovery storm after a hub restart: {n} clients, {r['channels']} "
@@ -470,7 +473,7 @@ def _fanout(body: dict[str, Any], out: str) -> list[str]:
             ax.bar_label(bars, fmt="%" + fmt, fontsize=8)
             for x, p in zip(xs, paths_, strict=True):
                 reps = [float(rep[key]) for rep in p.get("repeats") or []]
-                ax.plot([x] * len(reps), reps, "k.", ms=4)
+                ax.plot([x + 0.2] * len(reps), reps, "k.", ms=4)  # beside the bar's label
             ax.set_xticks(xs, names)
             ax.set_ylabel(ylabel)
             ax.set_title(ylabel, fontsize=10)
