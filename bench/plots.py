@@ -289,6 +289,9 @@ def _history(body: dict[str, Any], out: str) -> list[str]:
     caption = {"module": "bench.history", "argv": meta.get("argv"), "date": meta.get("date"),
                "cores": meta.get("nproc"), "load": meta.get("load_end"),
                "extra": "medians over repeats"}
+    other = _median([_num(r.get("other_cores")) for r in runs])  # type: ignore[misc]
+    if other is not None:
+        caption["extra"] += f"; other cores (median over runs) {other:.2f}"
     plt = _pyplot()
 
     def panel(ax: Any, key: str, ylabel: str, title: str, fmt: str) -> dict[str, list]:
@@ -328,11 +331,12 @@ def _history(body: dict[str, Any], out: str) -> list[str]:
         plt.close(fig)
     fig, axes = plt.subplots(1, 2, figsize=(max(10, 3 * len(groups) + 4), 4.8))
     try:
-        panel(axes[0], "deliveries_per_s", "deliveries/s (received)", "deliveries per second",
-              ",.0f")
-        axes[0].legend(fontsize=8)
-        panel(axes[1], "p99_ms", "publish-to-receive p99 (ms)", "p99 latency", ".1f")
-        axes[1].legend(fontsize=8)
+        panel(axes[0], "deliveries_per_s", "deliveries/s (received; log scale)",
+              "deliveries per second", ",.0f")
+        panel(axes[1], "p99_ms", "publish-to-receive p99 (ms; log scale)", "p99 latency", ".1f")
+        for ax in axes:
+            ax.set_yscale("log")
+            ax.legend(fontsize=8)
         fig.suptitle("History channels vs plain PUBLISH: throughput and latency")
         _caption(fig, **caption)
         paths.append(_save(plt, fig, out, "history-throughput.png"))
