@@ -174,8 +174,12 @@ def _scale(body: dict[str, Any], out: str) -> list[str]:
     if argv is None and settings:  # a run written before "argv" was recorded
         argv = [f"--clients {n}", f"--workers {settings.get('workers')}"]
     machine = body.get("machine") or {}
+    others = [f"{x:.2f} ({name})" for name in ("connect", "idle", "storm")
+              if isinstance(body.get(name), dict)
+              and (x := _num(body[name].get("other_cores"))) is not None]
     caption = {"module": "bench.scale", "argv": argv, "date": body.get("date"),
-               "cores": machine.get("cores"), "load": machine.get("load_end")}
+               "cores": machine.get("cores"), "load": machine.get("load_end"),
+               "extra": f"other cores {', '.join(others)}" if others else ""}
     broadcasts = [("broadcast", m) for m in body.get("broadcast") or []]
     broadcasts += [("after the storm", m) for m in body.get("broadcast_after_storm") or []]
     phases = [(name, body[name]) for name in ("connect", "storm")
