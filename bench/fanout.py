@@ -2,7 +2,9 @@
 ``hub.connection.fan_out`` (one write per message and connection) and of coalesced bursts
 (``hub.connection.begin_burst``/``end_burst``: one write per connection per burst).
 
-Run as ``python -m bench.fanout [--clients 1000] [--messages 300] [--repeat 3] [--burst 10]``.
+Run as ``python -m bench.fanout [--clients 1000] [--messages 300] [--repeat 3] [--burst 10]
+[--out DIR]``; the figures are also written to ``DIR/fanout.json`` and plotted in
+``DIR/fanout-burst.png`` (default DIR: ``bench/results/fanout-<UTC time>/``).
 
 One process serves N real loopback WebSocket connections (``websockets.asyncio.server``,
 no compression, uvloop); two more processes hold the N clients (``bench.lean``) and only
@@ -23,8 +25,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
+import json
 import multiprocessing as mp
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -133,21 +139,43 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--burst", type=int, default=10,
                         help="messages per coalesced burst (default 10)")
+    parser.add_argument("--out", default=None,
+                        help="output directory (default bench/results/fanout-<UTC time>/)")
     args = parser.parse_args()
     if min(args.clients, args.messages, args.repeat, args.burst) < 1:
         parser.error("--clients, --messages, --repeat and --burst must be >= 1")
     raise_nofile()
     import uvloop
 
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     results = uvloop.run(_measure(args.clients, args.messages, args.repeat, args.burst))
     base = statistics.median(cpu for cpu, _ in results["broadcast"])
+    paths = []
     for name, values in results.items():
         cpus = [cpu for cpu, _ in values]
         med = statistics.median(cpus)
         writes = statistics.median(w for _, w in values)
+        paths.append({"path": name, "cpu_us_per_delivery": med,
+                      "write_syscalls_per_delivery": writes, "x_broadcast": med / base,
+                      "repeats": [{"cpu_us_per_delivery": c, "write_syscalls_per_delivery": w}
+                                  for c, w in values]})
         print(f"{name:10s} {med:6.2f} us CPU/delivery (median of "
               f"{', '.join(f'{v:.2f}' for v in cpus)}), x broadcast {med / base:.2f}; "
               f"{writes:.3f} write syscalls/delivery")
+    sys.stdout.flush()
+    # stdout is the three lines above (tests/system/test_bench_fanout.py); the rest to stderr
+    out = args.out or os.path.join(os.path.dirname(__file__), "results", f"fanout-{stamp}")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "fanout.json"), "w", encoding="utf-8") as f:
+        json.dump({"meta": {"argv": sys.argv[1:], "date": stamp, "clients": args.clients,
+                            "messages": args.messages, "repeat": args.repeat,
+                            "burst": args.burst, "nproc": os.cpu_count(),
+                            "load_end": os.getloadavg()},
+                   "paths": paths}, f, indent=1)
+    print(f"wrote {os.path.join(out, 'fanout.json')}", file=sys.stderr, flush=True)
+    from .plots import plot_run
+
+    plot_run(out, "fanout", log=sys.stderr)
 
 
 if __name__ == "__main__":

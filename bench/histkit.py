@@ -426,6 +426,7 @@ class _Gen:
         self.first_error: str | None = None
         self.samples: dict[str, str] = {}  # first message of each connect error type
         self.tasks: list[asyncio.Task] = []
+        self.attempt_at = array("d")  # time of every connect attempt since the storm mark
 
     def handler(self, c: _Client) -> Any:
         counts, lat, last_rx = self.counts, self.lat, self.last_rx
@@ -490,6 +491,8 @@ class _Gen:
                 if self.stopping:
                     return
             c.attempts += 1
+            if c.storm:
+                self.attempt_at.append(time.time())
             c.phase = "connecting"
             try:
                 if first and self.gate is not None:
@@ -536,6 +539,7 @@ class _Gen:
     def mark_storm(self) -> None:
         self.storm_at = time.time()
         self.gate = None  # reconnects are not throttled: every client goes at once
+        self.attempt_at = array("d")
         for c in self.clients:
             c.storm, c.closed_at, c.opened_at, c.caught_at = True, 0.0, 0.0, 0.0
             c.attempts, c.codes = 0, {}
@@ -569,6 +573,7 @@ class _Gen:
             "unavailable": sum(c.unavailable for c in cs), "errors": sum(c.errors for c in cs),
             "first_error": self.first_error, "codes": codes, "samples": self.samples,
             "attempts": sum(c.attempts for c in cs), "other_frames": self.other,
+            "attempt_at": self.attempt_at.tolist(),
             "open": sum(1 for c in cs if c.ws is not None and c.ws.state == "OPEN"),
             "last": {str(c.index): [c.hist, c.last, c.epoch] for c in cs},
             "closed_at": [c.closed_at for c in cs if c.closed_at],

@@ -397,12 +397,16 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     with open(os.path.join(out, "history.json"), "w", encoding="utf-8") as f:
         json.dump({"meta": {"argv": sys.argv[1:] if argv is None else argv, "errors": errors,
-                            "seconds": time.monotonic() - t_start, "nproc": os.cpu_count()},
+                            "seconds": time.monotonic() - t_start, "nproc": os.cpu_count(),
+                            "date": stamp, "load_end": os.getloadavg()},
                    "runs": rows}, f, indent=1)
     with open(os.path.join(out, "history.md"), "w", encoding="utf-8") as f:
         f.write(text + "\n")
     print(f"\nwrote {out}/history.json and history.md "
           f"({time.monotonic() - t_start:.0f} s in all)")
+    from .plots import plot_run
+
+    plot_run(out, "history")
     return 1 if errors else 0
 
 

@@ -145,6 +145,7 @@ class _Worker:
         sem = asyncio.Semaphore(self.concurrency)
         t0 = time.time()
         done: list[float] = []
+        refused = array("d")  # times of the failed attempts (the connect-rate plot)
         failed = 0
 
         async def one(index: int) -> None:
@@ -157,6 +158,7 @@ class _Worker:
                         done.append(time.time())
                         return
                     except Exception as exc:
+                        refused.append(time.time())
                         key = f"{type(exc).__name__}: {str(exc)[:80]}"
                         self.errors[key] = self.errors.get(key, 0) + 1
                 await asyncio.sleep(random.uniform(0.1, 1.0))
@@ -164,7 +166,8 @@ class _Worker:
 
         await asyncio.gather(*(one(i) for i in todo))
         return {"started": t0, "last": max(done) if done else t0, "connected": len(done),
-                "failed": failed, "open": self.open_count(), "errors": dict(self.errors)}
+                "failed": failed, "open": self.open_count(), "errors": dict(self.errors),
+                "done_times": array("d", done).tobytes(), "failed_times": refused.tobytes()}
 
     def open_count(self) -> int:
         return sum(1 for c in self.conns.values() if c.state == "OPEN")
@@ -328,6 +331,37 @@ def _fds(procs: list[psutil.Process]) -> list[int]:
     return out
 
 
+#: Points of the receive-time distribution kept per broadcast (``quantiles_ms``): the
+#: 0th, 0.5th, ... 100th percentile, whatever N.
+QUANTILES = 201
+
+
+def _quantiles_ms(values: Sequence[float]) -> list[float]:
+    """``QUANTILES`` evenly spaced percentiles (0 to 100) of ``values`` (seconds), in ms;
+    ``[]`` when there is none. Sorted; the last one is the max."""
+    if not values:
+        return []
+    ordered = sorted(values)
+    last = len(ordered) - 1
+    return [round(ordered[round(k * last / (QUANTILES - 1))] * 1e3, 3)
+            for k in range(QUANTILES)]
+
+
+def _timeline(start: float, done: Sequence[float], failed: Sequence[float],
+              bins: int = 200) -> dict[str, Any]:
+    """Connections accepted and attempts refused per time bin from ``start`` (epoch s):
+    ``{"bin_s": width, "connected": [count, ...], "failed_attempts": [count, ...]}``, at
+    most ``bins`` bins (0.1 s wide at least), enough to cover the last event."""
+    end = max([*done, *failed, start])
+    width = max(0.1, (end - start) / bins)
+    n = int((end - start) / width) + 1
+    counts = [[0] * n, [0] * n]
+    for row, times in zip(counts, (done, failed), strict=True):
+        for t in times:
+            row[min(n - 1, max(0, int((t - start) / width)))] += 1
+    return {"bin_s": width, "connected": counts[0], "failed_attempts": counts[1]}
+
+
 def _pct(values: Sequence[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -418,6 +452,9 @@ class Session:
                    "server_cpu_us_per_handshake": cpu / connected * 1e6 if connected else None,
                    "errors": errors, "other_cores": machine.other_cores(),
                    "load1": os.getloadavg()[0]}
+        figures["timeline"] = _timeline(
+            first, [t for p in parts for t in array("d", p.get("done_times", b""))],
+            [t for p in parts for t in array("d", p.get("failed_times", b""))])
         self.results[name] = figures
         per_handshake = figures["server_cpu_us_per_handshake"] or 0.0
         self.log(f"{name}: {connected} connected ({figures['failed']} failed) in {span:.1f} s: "
@@ -490,7 +527,8 @@ class Session:
             lat = [x for p in parts for x in array("d", p["latencies"].get(seq, b""))]
             fig = {"seq": seq, "open": open_now, "received": len(lat),
                    "lost": open_now - len(lat), "p50_ms": _pct(lat, 50) * 1e3,
-                   "p99_ms": _pct(lat, 99) * 1e3, "max_ms": max(lat) * 1e3 if lat else None}
+                   "p99_ms": _pct(lat, 99) * 1e3, "max_ms": max(lat) * 1e3 if lat else None,
+                   "quantiles_ms": _quantiles_ms(lat)}
             out.append(fig)
             self.log(f"{name} {seq}: {len(lat)}/{open_now} received, p50 {fig['p50_ms']:.0f} ms "
                      f"p99 {fig['p99_ms']:.0f} ms max {fig['max_ms'] or 0:.0f} ms")
@@ -659,10 +697,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     results.pop("_seqs", None)
     results["error"] = error
     results["machine"] = {"cores": os.cpu_count(), "load_end": os.getloadavg()}
+    results["argv"] = list(sys.argv[1:] if argv is None else argv)
+    results["date"] = stamp
     with open(os.path.join(out, "scale.json"), "wb") as f:
         f.write(orjson.dumps(results, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY,
                              default=str))
     print(f"results: {os.path.join(out, 'scale.json')}", flush=True)
+    from .plots import plot_run
+
+    plot_run(out, "scale")
     return 1 if error else 0
 
 

@@ -276,6 +276,7 @@ def run_storm(args: argparse.Namespace, out: str) -> dict[str, Any]:
         sums = {k: sum(r[k] for r in reports) for k in
                 ("received", "dups", "holes", "missing", "recovered", "failed", "unavailable",
                  "errors", "attempts", "open")}
+        attempted = sorted(t - t_spawn for rep in reports for t in rep.get("attempt_at", []))
         span = (opened[-1] - opened[0]) if len(opened) > 1 else 0.0
         per_sec = np.bincount(np.asarray(opened, dtype=float).astype(int).clip(0)) \
             if opened else np.asarray([0])
@@ -292,7 +293,15 @@ def run_storm(args: argparse.Namespace, out: str) -> dict[str, Any]:
             recover_pct_s=_pct(recover),
             connect_rate_per_s=len(opened) / span if span > 0 else None,
             connect_rate_peak_per_s=int(per_sec.max()),
-            first_error=next((r["first_error"] for r in reports if r["first_error"]), None))
+            first_error=next((r["first_error"] for r in reports if r["first_error"]), None),
+            # per client, seconds (the plots): reconnected / recovered from the new hub's
+            # spawn, reconnect to recovered; every connect attempt from the spawn (negative:
+            # before it, while the old hub stopped); the time of the SIGTERM from the spawn
+            per_client={"opened_s": [round(x, 4) for x in opened],
+                        "caught_s": [round(x, 4) for x in sorted(caught)],
+                        "recover_s": [round(x, 4) for x in sorted(recover)]},
+            attempts_s=[round(x, 4) for x in attempted],
+            sigterm_s=t_term - t_spawn)
         result["ok"] = bool(t_all is not None and sums["failed"] == 0 and sums["dups"] == 0
                             and sums["holes"] == 0 and behind == 0 and wrong_epoch == 0
                             and sums["errors"] == 0 and sums["recovered"] >= n)
@@ -386,11 +395,15 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     with open(os.path.join(out, "storm.json"), "w", encoding="utf-8") as f:
         json.dump({"meta": {"argv": sys.argv[1:] if argv is None else argv, "errors": errors,
-                            "seconds": time.monotonic() - t0, "nproc": os.cpu_count()},
+                            "seconds": time.monotonic() - t0, "nproc": os.cpu_count(),
+                            "date": stamp, "load_end": os.getloadavg()},
                    "result": result}, f, indent=1)
     with open(os.path.join(out, "storm.md"), "w", encoding="utf-8") as f:
         f.write(text + "\n")
     print(f"\nwrote {out}/storm.json and storm.md ({time.monotonic() - t0:.0f} s in all)")
+    from .plots import plot_run
+
+    plot_run(out, "storm")
     if errors:
         return 1
     return 0 if result.get("ok") else 3
