@@ -47,7 +47,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from ..history.base import parse_history_message
 from .base import Publication
@@ -201,8 +201,8 @@ class Flavour:
     unsubscribe: str
     publish: str
     message: str
-    #: One SUBSCRIBE per hash slot when resubscribing (Redis Cluster answers CROSSSLOT to a
-    #: sharded subscribe of keys in several slots).
+    #: One (S)SUBSCRIBE or (S)UNSUBSCRIBE per hash slot (Redis Cluster answers CROSSSLOT to a
+    #: sharded command on keys in several slots).
     by_slot: bool
 
 
@@ -308,6 +308,10 @@ class PubSubLink:
         self._barrier: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        # (S)SUBSCRIBE (True) / (S)UNSUBSCRIBE (False) not sent yet, by hub channel; sent by
+        # _flush, scheduled in the iteration of the first of them.
+        self._pending: dict[str, bool] = {}
+        self._flush_handle: asyncio.Handle | None = None
 
     # -- state (read-only outside) ---------------------------------------------------------
 
@@ -392,16 +396,22 @@ class PubSubLink:
         await self._teardown()
 
     async def subscribe(self, channel: str) -> None:
-        """Send (S)SUBSCRIBE on the current connection, if any; the confirmation arrives
-        through :meth:`LinkOwner.confirmed`. Never raises: see :meth:`_send`."""
-        await self._send(self.flavour.subscribe, *self.keys(channel))
+        """Queue (S)SUBSCRIBE of ``channel`` on the current connection, if any; the
+        confirmation arrives through :meth:`LinkOwner.confirmed`. Never raises, never waits.
+
+        Every (S)SUBSCRIBE and (S)UNSUBSCRIBE asked for within one event-loop iteration goes
+        out together at the start of the next one, as one command per flavour (one per hash
+        slot in the sharded flavour), in one write (:meth:`_flush`): a reconnect storm's
+        thousands of personal channels cost a few commands, not one each. Asked twice in one
+        iteration, the last word wins (subscribe then unsubscribe: unsubscribed)."""
+        self._queue(channel, True)
 
     async def unsubscribe(self, channel: str) -> None:
-        """Take ``channel`` out of :attr:`live` now and send (S)UNSUBSCRIBE. Never raises."""
+        """Take ``channel`` out of :attr:`live` now and queue (S)UNSUBSCRIBE (see
+        :meth:`subscribe`). Never raises, never waits."""
         self._live.discard(channel)
-        keys = self.keys(channel)
-        self._confirmed.difference_update(keys)
-        await self._send(self.flavour.unsubscribe, *keys)
+        self._confirmed.difference_update(self.keys(channel))
+        self._queue(channel, False)
 
     async def publish(self, channel: str, payload: bytes, *, presence: bool = False) -> int:
         """(S)PUBLISH ``payload`` on the command connection within :attr:`timeout` seconds
@@ -420,16 +430,57 @@ class PubSubLink:
             key = b"{" + key + b"}:j"
         return int(await asyncio.wait_for(command(key, payload), self.timeout))
 
-    async def _send(self, command: str, *keys: bytes) -> None:
-        """Send (S)SUBSCRIBE/(S)UNSUBSCRIBE on the current connection, if any; a failure is
-        left to the reader and the probe, which rebuild the link and resubscribe."""
+    def _queue(self, channel: str, subscribe: bool) -> None:
+        """Note ``channel`` for the next :meth:`_flush` (scheduled if it is not), unless
+        there is no connection: a new one subscribes what the owner wants."""
+        if self._pubsub is None:
+            return
+        self._pending[channel] = subscribe
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Send what :meth:`_queue` collected: one (S)UNSUBSCRIBE, then one (S)SUBSCRIBE
+        (per hash slot when sharded), in one write. Each channel is in at most one of them,
+        so their order does not matter."""
+        self._flush_handle = None
+        pending, self._pending = self._pending, {}
         pubsub = self._pubsub
-        if pubsub is None:
+        if pubsub is None or not pending:
+            return
+        keys = self.keys
+        flavour = self.flavour
+        self._write(pubsub, [
+            *((flavour.unsubscribe, group) for group in self._group(
+                [k for c, sub in pending.items() if not sub for k in keys(c)])),
+            *((flavour.subscribe, group) for group in self._group(
+                [k for c, sub in pending.items() if sub for k in keys(c)]))])
+
+    def _write(self, pubsub: aioredis.client.PubSub,
+               commands: list[tuple[str, list[bytes]]]) -> None:
+        """Write (S)SUBSCRIBE/(S)UNSUBSCRIBE ``commands`` (name, keys) on ``pubsub``'s
+        connection now, in one write, without waiting; a failure is left to the reader and
+        the probe, which rebuild the link and resubscribe. Never raises.
+
+        Packed by redis-py (``Connection.pack_commands``) and written to its stream writer
+        directly: redis-py's own ``PubSub.subscribe`` costs a command path with a timeout task
+        per call and, being awaited, could be overtaken by a later call's write.  Writes made
+        here are in call order, before any command awaited through redis-py afterwards (the
+        connect barrier's PING). The link never lets redis-py reconnect the pub/sub
+        connection, so redis-py need not know these channels to resubscribe them.
+        tests/integration/test_link_batch.py guards these details of redis-py."""
+        if not commands:
+            return
+        conn = pubsub.connection
+        writer = None if conn is None else getattr(conn, "_writer", None)
+        if conn is None or writer is None:  # not connected: the reader notices
             return
         try:
-            await getattr(pubsub, command)(*keys)
-        except (RedisError, OSError) as exc:
-            logger.debug("redis %s: %s %r failed: %s", self.name, command, keys, exc)
+            writer.write(b"".join(conn.pack_commands(
+                [(name.upper(), *keys) for name, keys in commands])))
+        except Exception as exc:  # a broken connection: the reader and the probe notice
+            logger.debug("redis %s: %d (un)subscribe commands failed: %s", self.name,
+                         len(commands), exc)
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -466,7 +517,8 @@ class PubSubLink:
                 late += 1
 
     def _group(self, keys: list[bytes]) -> list[list[bytes]]:
-        """Split the (S)SUBSCRIBE of ``keys`` into commands: one, or one per hash slot."""
+        """Split the (S)SUBSCRIBE or (S)UNSUBSCRIBE of ``keys`` into commands: one, or one
+        per hash slot (the sharded flavour: Redis Cluster answers CROSSSLOT otherwise)."""
         if not keys:
             return []
         if not self.flavour.by_slot:
@@ -485,13 +537,13 @@ class PubSubLink:
         pubsub = client.pubsub()
         subscribe = getattr(pubsub, self.flavour.subscribe)
         probe = owner.probe_channel(self)
-        await asyncio.wait_for(subscribe(probe), self.timeout)
+        await asyncio.wait_for(subscribe(probe), self.timeout)  # connects
+        # No await from here to the PING: every channel wanted now is written before it, and
+        # every channel asked for later is queued (subscribe()) on this connection.
         self._pubsub = pubsub
         wanted = owner.wanted(self)
-        for keys in self._group([k for c in wanted for k in self.keys(c)]):
-            await asyncio.wait_for(subscribe(*keys), self.timeout)
-        for channel in owner.wanted(self) - wanted:  # added while we subscribed
-            await self.subscribe(channel)
+        self._write(pubsub, [(self.flavour.subscribe, keys) for keys in
+                             self._group([k for c in wanted for k in self.keys(c)])])
         self._barrier = asyncio.get_running_loop().create_future()
         token = uuid.uuid4().hex
         tasks = {asyncio.create_task(self._read(pubsub, probe, token))}
@@ -680,6 +732,10 @@ class PubSubLink:
         self._owner.link_lost(self, was_ready)
         self._live.clear()
         self._confirmed.clear()
+        if self._flush_handle is not None:  # a new connection subscribes what is wanted
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        self._pending.clear()
         pubsub, client = self._pubsub, self._client
         self._pubsub = self._client = None
         for closer in (pubsub, client):
