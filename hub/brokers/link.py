@@ -575,14 +575,15 @@ class PubSubLink:
     async def _read(self, pubsub: aioredis.client.PubSub, probe: bytes, token: str) -> None:
         """The one reader of the link. Hands messages to ``deliver`` without awaiting.
 
-        Bursts: after each message it reads, the reader takes every further reply that is
+        Bursts: after each reply it reads, the reader takes every further reply that is
         already complete in the connection's parser buffer (:func:`_buffered_reply`: the
-        bytes of one socket read, up to redis-py's 64 KiB, never awaiting the socket) and
-        hands the publications among them to ``deliver_many`` in one call, in order. It
-        never waits for more: a reply not yet complete ends the burst and is read as usual.
-        Anything but a publication (a confirmation, a pong, the probe, an error) ends the
-        burst too: the burst is handed over first, then that reply is handled, so the order
-        of everything on the link is kept.
+        bytes of one socket read, up to redis-py's 64 KiB, never awaiting the socket). The
+        publications among them go to ``deliver_many`` in one call, in order; anything else
+        (a confirmation, a pong, the probe, an error) is handled where it stands, once the
+        publications before it are handed over, so the order of everything on the link is
+        kept. The confirmations of a batch of (S)SUBSCRIBE (:meth:`_flush`) are so read in
+        one go rather than one by one through redis-py's read path. It never waits for
+        more: a reply not yet complete ends the burst and is read as usual.
         """
         deliver = self._deliver
         assert deliver is not None, "start() first"
@@ -591,6 +592,7 @@ class PubSubLink:
         handle_message = pubsub.handle_message
         message = self.flavour.message
         publication_of = self._publication
+        control = self._control
         take = _buffered_reply if deliver_many is not None else None
         while True:
             try:
@@ -600,51 +602,57 @@ class PubSubLink:
                 continue
             if msg is None:
                 continue
+            publication = None
             if msg["type"] != message or msg["channel"] == probe:
-                self._control(msg, probe, token)
-                continue
-            publication = publication_of(msg["channel"], msg["data"])
+                control(msg, probe, token)
+            else:
+                publication = publication_of(msg["channel"], msg["data"])
             reply = _NOTHING if take is None else await take(pubsub)
-            if reply is _NOTHING:  # the usual case below saturation: one message
+            if reply is _NOTHING:  # the usual case below saturation: one reply
                 if publication is not None:
                     try:
                         deliver(publication)
                     except Exception:  # one bad message must not deafen the hub
                         logger.exception("redis %s: delivery failed", self.name)
                 continue
-            assert take is not None and deliver_many is not None
+            assert take is not None
             burst = [] if publication is None else [publication]
-            after: Any = None  # the reply that ended the burst, handled after it
             try:
                 while reply is not _NOTHING:
                     if isinstance(reply, ResponseError):
-                        after = reply
-                        break
-                    msg = (await handle_message(reply)  # type: ignore[no-untyped-call]
-                           if reply else None)
-                    if msg is None:
-                        pass
-                    elif msg["type"] != message or msg["channel"] == probe:
-                        after = msg
-                        break
+                        burst = self._hand_over(burst)
+                        self._owner.refused(self, reply)
                     else:
-                        publication = publication_of(msg["channel"], msg["data"])
-                        if publication is not None:
-                            burst.append(publication)
+                        msg = (await handle_message(reply)  # type: ignore[no-untyped-call]
+                               if reply else None)
+                        if msg is None:
+                            pass
+                        elif msg["type"] != message or msg["channel"] == probe:
+                            burst = self._hand_over(burst)
+                            control(msg, probe, token)
+                        else:
+                            publication = publication_of(msg["channel"], msg["data"])
+                            if publication is not None:
+                                burst.append(publication)
                     reply = await take(pubsub)
             finally:  # also when the link fails mid-burst: what was read is handed over
-                if burst:
-                    try:
-                        if len(burst) == 1:
-                            deliver(burst[0])
-                        else:
-                            deliver_many(burst)
-                    except Exception:
-                        logger.exception("redis %s: delivery failed", self.name)
-            if isinstance(after, ResponseError):
-                self._owner.refused(self, after)
-            elif after is not None:
-                self._control(after, probe, token)
+                self._hand_over(burst)
+
+    def _hand_over(self, burst: list[Publication]) -> list[Publication]:
+        """Deliver ``burst`` (one publication to ``deliver``, more to ``deliver_many``);
+        return an empty list for the next one."""
+        if burst:
+            try:
+                if len(burst) == 1:
+                    assert self._deliver is not None
+                    self._deliver(burst[0])
+                else:
+                    assert self._deliver_many is not None
+                    self._deliver_many(burst)
+            except Exception:  # one bad message must not deafen the hub
+                logger.exception("redis %s: delivery failed", self.name)
+            return []
+        return burst
 
     def _publication(self, name: bytes, data: bytes) -> Publication | None:
         """The publication of a pub/sub message on Redis channel ``name`` (its own, its
