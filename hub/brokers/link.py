@@ -47,7 +47,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from ..history.base import parse_history_message
 from .base import Publication
@@ -201,8 +201,8 @@ class Flavour:
     unsubscribe: str
     publish: str
     message: str
-    #: One SUBSCRIBE per hash slot when resubscribing (Redis Cluster answers CROSSSLOT to a
-    #: sharded subscribe of keys in several slots).
+    #: One (S)SUBSCRIBE or (S)UNSUBSCRIBE per hash slot (Redis Cluster answers CROSSSLOT to a
+    #: sharded command on keys in several slots).
     by_slot: bool
 
 
@@ -308,6 +308,10 @@ class PubSubLink:
         self._barrier: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        # (S)SUBSCRIBE (True) / (S)UNSUBSCRIBE (False) not sent yet, by hub channel; sent by
+        # _flush, scheduled in the iteration of the first of them.
+        self._pending: dict[str, bool] = {}
+        self._flush_handle: asyncio.Handle | None = None
 
     # -- state (read-only outside) ---------------------------------------------------------
 
@@ -392,16 +396,22 @@ class PubSubLink:
         await self._teardown()
 
     async def subscribe(self, channel: str) -> None:
-        """Send (S)SUBSCRIBE on the current connection, if any; the confirmation arrives
-        through :meth:`LinkOwner.confirmed`. Never raises: see :meth:`_send`."""
-        await self._send(self.flavour.subscribe, *self.keys(channel))
+        """Queue (S)SUBSCRIBE of ``channel`` on the current connection, if any; the
+        confirmation arrives through :meth:`LinkOwner.confirmed`. Never raises, never waits.
+
+        Every (S)SUBSCRIBE and (S)UNSUBSCRIBE asked for within one event-loop iteration goes
+        out together at the start of the next one, as one command per flavour (one per hash
+        slot in the sharded flavour), in one write (:meth:`_flush`): a reconnect storm's
+        thousands of personal channels cost a few commands, not one each. Asked twice in one
+        iteration, the last word wins (subscribe then unsubscribe: unsubscribed)."""
+        self._queue(channel, True)
 
     async def unsubscribe(self, channel: str) -> None:
-        """Take ``channel`` out of :attr:`live` now and send (S)UNSUBSCRIBE. Never raises."""
+        """Take ``channel`` out of :attr:`live` now and queue (S)UNSUBSCRIBE (see
+        :meth:`subscribe`). Never raises, never waits."""
         self._live.discard(channel)
-        keys = self.keys(channel)
-        self._confirmed.difference_update(keys)
-        await self._send(self.flavour.unsubscribe, *keys)
+        self._confirmed.difference_update(self.keys(channel))
+        self._queue(channel, False)
 
     async def publish(self, channel: str, payload: bytes, *, presence: bool = False) -> int:
         """(S)PUBLISH ``payload`` on the command connection within :attr:`timeout` seconds
@@ -420,16 +430,57 @@ class PubSubLink:
             key = b"{" + key + b"}:j"
         return int(await asyncio.wait_for(command(key, payload), self.timeout))
 
-    async def _send(self, command: str, *keys: bytes) -> None:
-        """Send (S)SUBSCRIBE/(S)UNSUBSCRIBE on the current connection, if any; a failure is
-        left to the reader and the probe, which rebuild the link and resubscribe."""
+    def _queue(self, channel: str, subscribe: bool) -> None:
+        """Note ``channel`` for the next :meth:`_flush` (scheduled if it is not), unless
+        there is no connection: a new one subscribes what the owner wants."""
+        if self._pubsub is None:
+            return
+        self._pending[channel] = subscribe
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Send what :meth:`_queue` collected: one (S)UNSUBSCRIBE, then one (S)SUBSCRIBE
+        (per hash slot when sharded), in one write. Each channel is in at most one of them,
+        so their order does not matter."""
+        self._flush_handle = None
+        pending, self._pending = self._pending, {}
         pubsub = self._pubsub
-        if pubsub is None:
+        if pubsub is None or not pending:
+            return
+        keys = self.keys
+        flavour = self.flavour
+        self._write(pubsub, [
+            *((flavour.unsubscribe, group) for group in self._group(
+                [k for c, sub in pending.items() if not sub for k in keys(c)])),
+            *((flavour.subscribe, group) for group in self._group(
+                [k for c, sub in pending.items() if sub for k in keys(c)]))])
+
+    def _write(self, pubsub: aioredis.client.PubSub,
+               commands: list[tuple[str, list[bytes]]]) -> None:
+        """Write (S)SUBSCRIBE/(S)UNSUBSCRIBE ``commands`` (name, keys) on ``pubsub``'s
+        connection now, in one write, without waiting; a failure is left to the reader and
+        the probe, which rebuild the link and resubscribe. Never raises.
+
+        Packed by redis-py (``Connection.pack_commands``) and written to its stream writer
+        directly: redis-py's own ``PubSub.subscribe`` costs a command path with a timeout task
+        per call and, being awaited, could be overtaken by a later call's write.  Writes made
+        here are in call order, before any command awaited through redis-py afterwards (the
+        connect barrier's PING). The link never lets redis-py reconnect the pub/sub
+        connection, so redis-py need not know these channels to resubscribe them.
+        tests/integration/test_link_batch.py guards these details of redis-py."""
+        if not commands:
+            return
+        conn = pubsub.connection
+        writer = None if conn is None else getattr(conn, "_writer", None)
+        if conn is None or writer is None:  # not connected: the reader notices
             return
         try:
-            await getattr(pubsub, command)(*keys)
-        except (RedisError, OSError) as exc:
-            logger.debug("redis %s: %s %r failed: %s", self.name, command, keys, exc)
+            writer.write(b"".join(conn.pack_commands(
+                [(name.upper(), *keys) for name, keys in commands])))
+        except Exception as exc:  # a broken connection: the reader and the probe notice
+            logger.debug("redis %s: %d (un)subscribe commands failed: %s", self.name,
+                         len(commands), exc)
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -466,7 +517,8 @@ class PubSubLink:
                 late += 1
 
     def _group(self, keys: list[bytes]) -> list[list[bytes]]:
-        """Split the (S)SUBSCRIBE of ``keys`` into commands: one, or one per hash slot."""
+        """Split the (S)SUBSCRIBE or (S)UNSUBSCRIBE of ``keys`` into commands: one, or one
+        per hash slot (the sharded flavour: Redis Cluster answers CROSSSLOT otherwise)."""
         if not keys:
             return []
         if not self.flavour.by_slot:
@@ -485,13 +537,13 @@ class PubSubLink:
         pubsub = client.pubsub()
         subscribe = getattr(pubsub, self.flavour.subscribe)
         probe = owner.probe_channel(self)
-        await asyncio.wait_for(subscribe(probe), self.timeout)
+        await asyncio.wait_for(subscribe(probe), self.timeout)  # connects
+        # No await from here to the PING: every channel wanted now is written before it, and
+        # every channel asked for later is queued (subscribe()) on this connection.
         self._pubsub = pubsub
         wanted = owner.wanted(self)
-        for keys in self._group([k for c in wanted for k in self.keys(c)]):
-            await asyncio.wait_for(subscribe(*keys), self.timeout)
-        for channel in owner.wanted(self) - wanted:  # added while we subscribed
-            await self.subscribe(channel)
+        self._write(pubsub, [(self.flavour.subscribe, keys) for keys in
+                             self._group([k for c in wanted for k in self.keys(c)])])
         self._barrier = asyncio.get_running_loop().create_future()
         token = uuid.uuid4().hex
         tasks = {asyncio.create_task(self._read(pubsub, probe, token))}
@@ -523,14 +575,15 @@ class PubSubLink:
     async def _read(self, pubsub: aioredis.client.PubSub, probe: bytes, token: str) -> None:
         """The one reader of the link. Hands messages to ``deliver`` without awaiting.
 
-        Bursts: after each message it reads, the reader takes every further reply that is
+        Bursts: after each reply it reads, the reader takes every further reply that is
         already complete in the connection's parser buffer (:func:`_buffered_reply`: the
-        bytes of one socket read, up to redis-py's 64 KiB, never awaiting the socket) and
-        hands the publications among them to ``deliver_many`` in one call, in order. It
-        never waits for more: a reply not yet complete ends the burst and is read as usual.
-        Anything but a publication (a confirmation, a pong, the probe, an error) ends the
-        burst too: the burst is handed over first, then that reply is handled, so the order
-        of everything on the link is kept.
+        bytes of one socket read, up to redis-py's 64 KiB, never awaiting the socket). The
+        publications among them go to ``deliver_many`` in one call, in order; anything else
+        (a confirmation, a pong, the probe, an error) is handled where it stands, once the
+        publications before it are handed over, so the order of everything on the link is
+        kept. The confirmations of a batch of (S)SUBSCRIBE (:meth:`_flush`) are so read in
+        one go rather than one by one through redis-py's read path. It never waits for
+        more: a reply not yet complete ends the burst and is read as usual.
         """
         deliver = self._deliver
         assert deliver is not None, "start() first"
@@ -539,6 +592,7 @@ class PubSubLink:
         handle_message = pubsub.handle_message
         message = self.flavour.message
         publication_of = self._publication
+        control = self._control
         take = _buffered_reply if deliver_many is not None else None
         while True:
             try:
@@ -548,51 +602,57 @@ class PubSubLink:
                 continue
             if msg is None:
                 continue
+            publication = None
             if msg["type"] != message or msg["channel"] == probe:
-                self._control(msg, probe, token)
-                continue
-            publication = publication_of(msg["channel"], msg["data"])
+                control(msg, probe, token)
+            else:
+                publication = publication_of(msg["channel"], msg["data"])
             reply = _NOTHING if take is None else await take(pubsub)
-            if reply is _NOTHING:  # the usual case below saturation: one message
+            if reply is _NOTHING:  # the usual case below saturation: one reply
                 if publication is not None:
                     try:
                         deliver(publication)
                     except Exception:  # one bad message must not deafen the hub
                         logger.exception("redis %s: delivery failed", self.name)
                 continue
-            assert take is not None and deliver_many is not None
+            assert take is not None
             burst = [] if publication is None else [publication]
-            after: Any = None  # the reply that ended the burst, handled after it
             try:
                 while reply is not _NOTHING:
                     if isinstance(reply, ResponseError):
-                        after = reply
-                        break
-                    msg = (await handle_message(reply)  # type: ignore[no-untyped-call]
-                           if reply else None)
-                    if msg is None:
-                        pass
-                    elif msg["type"] != message or msg["channel"] == probe:
-                        after = msg
-                        break
+                        burst = self._hand_over(burst)
+                        self._owner.refused(self, reply)
                     else:
-                        publication = publication_of(msg["channel"], msg["data"])
-                        if publication is not None:
-                            burst.append(publication)
+                        msg = (await handle_message(reply)  # type: ignore[no-untyped-call]
+                               if reply else None)
+                        if msg is None:
+                            pass
+                        elif msg["type"] != message or msg["channel"] == probe:
+                            burst = self._hand_over(burst)
+                            control(msg, probe, token)
+                        else:
+                            publication = publication_of(msg["channel"], msg["data"])
+                            if publication is not None:
+                                burst.append(publication)
                     reply = await take(pubsub)
             finally:  # also when the link fails mid-burst: what was read is handed over
-                if burst:
-                    try:
-                        if len(burst) == 1:
-                            deliver(burst[0])
-                        else:
-                            deliver_many(burst)
-                    except Exception:
-                        logger.exception("redis %s: delivery failed", self.name)
-            if isinstance(after, ResponseError):
-                self._owner.refused(self, after)
-            elif after is not None:
-                self._control(after, probe, token)
+                self._hand_over(burst)
+
+    def _hand_over(self, burst: list[Publication]) -> list[Publication]:
+        """Deliver ``burst`` (one publication to ``deliver``, more to ``deliver_many``);
+        return an empty list for the next one."""
+        if burst:
+            try:
+                if len(burst) == 1:
+                    assert self._deliver is not None
+                    self._deliver(burst[0])
+                else:
+                    assert self._deliver_many is not None
+                    self._deliver_many(burst)
+            except Exception:  # one bad message must not deafen the hub
+                logger.exception("redis %s: delivery failed", self.name)
+            return []
+        return burst
 
     def _publication(self, name: bytes, data: bytes) -> Publication | None:
         """The publication of a pub/sub message on Redis channel ``name`` (its own, its
@@ -680,6 +740,10 @@ class PubSubLink:
         self._owner.link_lost(self, was_ready)
         self._live.clear()
         self._confirmed.clear()
+        if self._flush_handle is not None:  # a new connection subscribes what is wanted
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        self._pending.clear()
         pubsub, client = self._pubsub, self._client
         self._pubsub = self._client = None
         for closer in (pubsub, client):
