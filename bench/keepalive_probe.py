@@ -138,11 +138,11 @@ def _micro(hub: Any, rounds: int) -> None:
     try:
         fast = timeit.timeit(lambda: conn.data_received(pong), number=rounds) / rounds
         if saved is not None:
-            connection._fast_pong = False  # type: ignore[attr-defined]
+            connection._fast_pong = False
         slow = timeit.timeit(lambda: conn.data_received(pong), number=rounds) / rounds
     finally:
         if saved is not None:
-            connection._fast_pong = saved  # type: ignore[attr-defined]
+            connection._fast_pong = saved
         type(conn).frame_rate = rate
     print(f"one pong through data_received (no socket): fast path {fast * 1e6:.2f} us, "
           f"library path {slow * 1e6:.2f} us")
