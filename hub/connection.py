@@ -3,8 +3,9 @@ fan-out, sending one frame, and close-or-abort.
 
 The node and the session see a connection through these functions and the attributes of
 :class:`HubConnection`; nothing else in hub reads ``protocol`` or ``transport``. The raw
-fan-out relies on details of websockets' asyncio implementation of major version 17
-(pyproject.toml pins ``websockets>=17,<18``; tests/integration/test_connection.py guards them).
+fan-out and the lone-pong fast path of ``data_received`` rely on details of websockets'
+asyncio implementation of major version 17 (pyproject.toml pins ``websockets>=17,<18``;
+tests/integration/test_connection.py guards them).
 """
 
 from __future__ import annotations
@@ -517,7 +518,8 @@ def ping(conns: Iterable[HubConnection], payload: bytes) -> int:
     (open, transport not closing, whole frames in order). Control frames are never
     compressed (RFC 7692 section 6), so connections with permessage-deflate get the same
     bytes. The library does not learn of these pings: their pongs are seen in
-    :meth:`HubConnection.process_event`.
+    :meth:`HubConnection.process_event`, or before the library in
+    :meth:`HubConnection.data_received` when a pong comes alone in a read.
     """
     wire = Frame(Opcode.PING, payload).serialize(mask=False, extensions=[])
     sent = 0
