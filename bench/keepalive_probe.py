@@ -18,7 +18,9 @@ hub's fixed background: the Redis probe, the empty timer) is subtracted:
 * ``--micro``: the in-process cost of one pong through ``data_received`` (no socket read),
   the fast path and the library's path, timed over a live connection.
 
-``--gc-freeze`` calls ``gc.freeze()`` once the connections are open. docs/benchmarks.md
+``--gc-freeze`` calls ``gc.freeze()`` once the connections are open; ``--no-fast-path``
+sends every pong through the library's parser (``hub.connection._fast_pong`` off: the hub
+as before the fast path). docs/benchmarks.md
 ("100,000 connections", "Keepalive") quotes it.
 """
 
@@ -208,11 +210,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--strace", action="store_true", help="strace -c over the window")
     p.add_argument("--perf", action="store_true", help="perf stat over the window")
     p.add_argument("--gc-freeze", action="store_true", help="gc.freeze() once connected")
+    p.add_argument("--no-fast-path", dest="fast_path", action="store_false",
+                   help="every pong through websockets' parser (as before the fast path)")
     p.add_argument("--micro", type=int, default=0, metavar="ROUNDS",
                    help="time ROUNDS pongs through data_received in-process (0: no)")
     p.add_argument("--top", type=int, default=30, help="profile lines printed (30)")
     a = p.parse_args(argv)
     import uvloop
+
+    from hub import connection
+
+    connection._fast_pong = a.fast_path
 
     uvloop.run(_probe(a))
     return 0
