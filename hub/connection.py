@@ -3,8 +3,9 @@ fan-out, sending one frame, and close-or-abort.
 
 The node and the session see a connection through these functions and the attributes of
 :class:`HubConnection`; nothing else in hub reads ``protocol`` or ``transport``. The raw
-fan-out relies on details of websockets' asyncio implementation of major version 17
-(pyproject.toml pins ``websockets>=17,<18``; tests/integration/test_connection.py guards them).
+fan-out and the lone-pong fast path of ``data_received`` rely on details of websockets'
+asyncio implementation of major version 17 (pyproject.toml pins ``websockets>=17,<18``;
+tests/integration/test_connection.py guards them).
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.exceptions import ConnectionClosedOK
 from websockets.frames import CloseCode, Frame, Opcode
 from websockets.protocol import Event, State
+from websockets.protocol import Protocol as _LibraryProtocol
+from websockets.server import ServerProtocol
+from websockets.streams import StreamReader
 from websockets.typing import Data
 
 if TYPE_CHECKING:
@@ -30,6 +34,17 @@ __all__ = ["ConnectionOwner", "HubConnection", "begin_burst", "close_or_abort", 
            "fan_out", "flush_burst", "limit_requests", "ping", "send_text"]
 
 logger = logging.getLogger("hub.connection")
+
+#: The code objects of the generators websockets' server protocol parses frames with: its
+#: parser (``ServerProtocol.parse``) runs ``Protocol.parse``, which waits for the next frame
+#: in ``StreamReader.at_eof`` (tests/integration/test_connection.py pins them).
+_SERVER_PARSE = ServerProtocol.parse.__code__
+_FRAMES_PARSE = _LibraryProtocol.parse.__code__
+_AT_EOF = StreamReader.at_eof.__code__
+#: Whether :meth:`HubConnection.data_received` may take its fast path for a lone pong (a
+#: switch for tests and ``bench.keepalive_probe``), and how many pongs took it.
+_fast_pong = True
+fast_pongs = 0
 
 #: The logger websockets' server gives every connection (``serve(logger=...)`` default),
 #: shared: the library wraps it in a LoggerAdapter per connection (with a weak proxy and a
@@ -168,7 +183,17 @@ class HubConnection(ServerConnection):
         """Bytes from the peer. Once they complete the handshake request, its deadline is
         off. When they made it unparsable (past the header limits, or not HTTP), websockets
         has queued its 414/431 answer (or nothing) but would buffer whatever follows until
-        the opening timeout: stop reading at once and close once that answer is written."""
+        the opening timeout: stop reading at once and close once that answer is written.
+
+        A read that is exactly one whole masked pong (the answer to a keepalive ping, the
+        commonest read of an idle connection) skips the library's frame parser when the
+        outcome is known without it (:meth:`_lone_pong`)."""
+        size = len(data)
+        # 0x8A: FIN, no RSV bit, opcode PONG; then MASK and a 7-bit length that is exactly
+        # what follows the 4-byte masking key (0x80 + size - 6 = size + 0x7A), at most 125.
+        if (size <= 131 and size >= 6 and data[0] == 0x8A and data[1] == size + 0x7A
+                and _fast_pong and self._lone_pong(size - 6)):
+            return
         super().data_received(data)
         if self.deadline is not None and self.request is not None:
             self.deadline.cancel()
@@ -242,23 +267,75 @@ class HubConnection(ServerConnection):
         the owner close the connection (:meth:`ConnectionOwner.frame_flood`, 4029). Frames
         keep being handled as usual until the close: the session skips the commands of a
         connection that is being dropped."""
-        if isinstance(event, Frame) and event.opcode is Opcode.PONG:
-            self.ping_sent = 0.0  # the keepalive's ping is answered (any pong: a live peer)
-        rate = self.frame_rate
-        if rate > 0 and isinstance(event, Frame):
-            now = time.monotonic()
-            frames = self.frames + (now - self.frames_at) * rate
-            self.frames_at = now
-            if frames > self.frame_burst:
-                frames = self.frame_burst
-            if frames >= 1.0:
-                self.frames = frames - 1.0
-            else:
-                self.frames = frames
-                if not self.dropping:
-                    self.dropping = True  # once: the owner closes it
-                    self.loop.call_soon(self.owner.frame_flood, self)
+        if isinstance(event, Frame):
+            if event.opcode is Opcode.PONG:
+                self.ping_sent = 0.0  # the keepalive's ping is answered (any pong: alive)
+            if self.frame_rate > 0:
+                self._count_frame()
         super().process_event(event)
+
+    def _count_frame(self) -> None:
+        """Take one frame from the frame budget; the frame that finds it empty makes the
+        owner close the connection, once (:meth:`process_event`)."""
+        rate = self.frame_rate
+        now = time.monotonic()
+        frames = self.frames + (now - self.frames_at) * rate
+        self.frames_at = now
+        if frames > self.frame_burst:
+            frames = self.frame_burst
+        if frames >= 1.0:
+            self.frames = frames - 1.0
+        else:
+            self.frames = frames
+            if not self.dropping:
+                self.dropping = True  # once: the owner closes it
+                self.loop.call_soon(self.owner.frame_flood, self)
+
+    def _lone_pong(self, length: int) -> bool:
+        """The read in hand is one whole masked pong frame of ``length`` (<= 125) payload
+        bytes: handle it here, as the library and :meth:`process_event` would, and return
+        True; or return False (nothing done) for the library to parse it.
+
+        True only when the library's outcome is certain without parsing: the connection is
+        OPEN (no close frame sent or received), its parser waits for the first byte of a
+        frame (``Protocol.parse`` suspended in ``StreamReader.at_eof``, nothing buffered: a
+        read that completes a frame begun earlier goes to the library), no fragmented message
+        is in progress and the size limits allow the payload, no extension is negotiated,
+        the library's debug logging is off, it has nothing queued to send, and no ping of its
+        own waits for a pong (``Connection.ping()``, which the hub does not use). Then the
+        library would parse an unsolicited pong frame (RFC 6455 section 5.5.3), send
+        nothing, and ignore it: what is left is the hub's part, the keepalive's ping
+        answered and the frame counted against the frame budget. The payload is not even
+        unmasked: nothing reads it."""
+        protocol = self.protocol
+        if (protocol.state is not State.OPEN or protocol.current_size is not None
+                or protocol.extensions or protocol.debug or protocol.writes
+                or protocol.events or self.pending_pings or self.deadline is not None):
+            return False
+        limit = protocol.max_message_size
+        if limit is not None and length > limit:
+            return False
+        limit = protocol.max_fragment_size
+        if limit is not None and length > limit:
+            return False
+        reader = protocol.reader
+        if reader.buffer or reader.eof:
+            return False
+        parser: Any = protocol.parser
+        if parser.gi_code is not _SERVER_PARSE:
+            return False
+        frames = parser.gi_yieldfrom
+        if frames is None or frames.gi_code is not _FRAMES_PARSE:
+            return False
+        waiting = frames.gi_yieldfrom
+        if waiting is None or waiting.gi_code is not _AT_EOF:
+            return False
+        global fast_pongs
+        fast_pongs += 1
+        self.ping_sent = 0.0
+        if self.frame_rate > 0:
+            self._count_frame()
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -441,7 +518,8 @@ def ping(conns: Iterable[HubConnection], payload: bytes) -> int:
     (open, transport not closing, whole frames in order). Control frames are never
     compressed (RFC 7692 section 6), so connections with permessage-deflate get the same
     bytes. The library does not learn of these pings: their pongs are seen in
-    :meth:`HubConnection.process_event`.
+    :meth:`HubConnection.process_event`, or before the library in
+    :meth:`HubConnection.data_received` when a pong comes alone in a read.
     """
     wire = Frame(Opcode.PING, payload).serialize(mask=False, extensions=[])
     sent = 0

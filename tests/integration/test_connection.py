@@ -98,3 +98,59 @@ async def test_raw_fan_out_interleaves_with_library_frames_on_a_real_connection(
         fan_out(conns, b'{"n":4}')  # skipped: not open
         send_text(conn, b'{"n":5}')
     assert owner.forgotten == [conn]
+
+
+def test_the_library_internals_the_pong_fast_path_reads():
+    """HubConnection.data_received's fast path for a lone pong (hub/connection.py,
+    ``_lone_pong``) decides from the parser's generator frames and a few attributes that it
+    knows what the library would do. Pinned here, sans-I/O: an OPEN server protocol waits
+    for a frame in ``ServerProtocol.parse`` -> ``Protocol.parse`` -> ``StreamReader.at_eof``
+    (in ``Frame.parse`` once part of a frame is in), and an unsolicited pong only becomes an
+    event: nothing to send, nothing else changed."""
+    from websockets.protocol import Protocol
+    from websockets.streams import StreamReader
+
+    from hub import connection
+
+    assert connection._SERVER_PARSE is ServerProtocol.parse.__code__
+    assert connection._FRAMES_PARSE is Protocol.parse.__code__
+    assert connection._AT_EOF is StreamReader.at_eof.__code__
+    from websockets.client import ClientProtocol
+    from websockets.uri import parse_uri
+
+    client = ClientProtocol(parse_uri("ws://hub.test/ws"))
+    client.send_request(client.connect())
+    protocol = ServerProtocol()
+    for data in client.data_to_send():
+        protocol.receive_data(data)
+    (request,) = protocol.events_received()
+    protocol.send_response(protocol.accept(request))  # type: ignore[arg-type]
+    assert protocol.state is State.OPEN
+    protocol.data_to_send()
+    for name in ("current_size", "extensions", "debug", "writes", "events",
+                 "max_message_size", "max_fragment_size"):
+        assert hasattr(protocol, name), name
+    assert protocol.reader.buffer == b"" and protocol.reader.eof is False
+
+    def waiting_in() -> object:
+        frames = protocol.parser.gi_yieldfrom  # type: ignore[attr-defined]
+        assert protocol.parser.gi_code is ServerProtocol.parse.__code__  # type: ignore[attr-defined]
+        assert frames.gi_code is Protocol.parse.__code__
+        return frames.gi_yieldfrom.gi_code
+
+    assert waiting_in() is StreamReader.at_eof.__code__
+    pong = bytes([0x8A, 0x84]) + bytes(4) + b"\0\0\0\7"
+    protocol.receive_data(pong[:2])
+    assert waiting_in() is Frame.parse.__code__
+    protocol.receive_data(pong[2:])
+    assert waiting_in() is StreamReader.at_eof.__code__
+    assert protocol.reader.buffer == b""
+    assert protocol.data_to_send() == []
+    assert protocol.events_received() == [Frame(Opcode.PONG, b"\0\0\0\7")]
+    assert protocol.state is State.OPEN and protocol.current_size is None
+    # The asyncio connection: pings of its own wait in pending_pings; an unsolicited pong
+    # only reaches acknowledge_pings, which ignores it.
+    from websockets.asyncio.connection import Connection
+
+    assert Connection.process_event.__code__.co_names.count("acknowledge_pings") == 1
+    assert "pending_pings" in Connection.acknowledge_pings.__code__.co_names
