@@ -1,4 +1,5 @@
-"""Smoke tests of ``python -m bench.history`` and ``python -m bench.storm`` at tiny sizes.
+"""Smoke tests of ``python -m bench.history`` and ``python -m bench.storm`` at tiny sizes, and
+of the probes ``python -m bench.lua_floor`` and ``python -m bench.keepalive_probe``.
 
 Only completion and correctness are asserted (exit code, nothing lost, no duplicate, no hole,
 every client recovered); the figures are the benchmarks' output, never assertions. Each bench
@@ -97,3 +98,13 @@ def test_bench_lua_floor_runs_every_command(tmp_path) -> None:
     batch = body["table"][-1]
     assert batch["messages"] == 900 and batch["inside"]["xadd"]["calls"] == 900
     assert "| hub_publish |" in done.stdout
+
+
+@pytest.mark.timeout(120)
+@needs_redis
+def test_bench_keepalive_probe_runs(tmp_path) -> None:
+    done = _run("bench.keepalive_probe", "--clients", "30", "--window", "1", "--settle", "1",
+                "--micro", "200", timeout=100)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "30 connections open" in done.stdout
+    assert "pongs on the fast path" in done.stdout
