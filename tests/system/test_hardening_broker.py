@@ -338,15 +338,19 @@ async def test_lag_past_max_lag_makes_the_node_not_ready(redis_server):
         await node.stop()
 
 
-FLOOD = 800
+FLOOD = 1600
 
 
 async def test_readyz_turns_503_while_the_hub_lags(redis_server, hub_factory):
     """A real hub behind its stream: --compression deflate costs one compression per
     recipient, 100 subscribers make each message slow to fan out, and a bounded flood
-    builds a backlog. /readyz answers 503 while the lag is past --max-lag, 200 after."""
+    builds a backlog. /readyz answers 503 while the lag is past --max-lag, 200 after.
+
+    The backlog must take well over --max-lag to fan out whatever the machine's speed: 800
+    messages with a 0.3 s bound gave a single 503 on a quiet machine and none in one run,
+    so the flood is 1600 messages and the bound 0.1 s (probes every 0.1 s)."""
     hub = hub_factory("--compression", "deflate", "--probe-interval", "0.1",
-                      "--probe-timeout", "30", "--max-lag", "0.3", redis=redis_server)
+                      "--probe-timeout", "30", "--max-lag", "0.1", redis=redis_server)
     conns = [await open_ws(hub.ws_url, compression="deflate", max_queue=4) for _ in range(100)]
     for ws in conns:
         await subscribe(ws, "flood")
