@@ -38,31 +38,9 @@ import subprocess
 import time
 from typing import Any
 
+from .scale_probe import hold_clients
+
 __all__ = ["main"]
-
-
-def _clients(port: int, n: int, ready: Any, go: Any) -> None:
-    import uvloop
-
-    from .lean import lean_connect
-
-    async def run() -> None:
-        conns = []
-        sem = asyncio.Semaphore(64)
-
-        async def one(i: int) -> None:
-            async with sem:
-                conns.append(await lean_connect(f"ws://127.0.0.1:{port}/ws?user=u{i}", 30))
-
-        await asyncio.gather(*(one(i) for i in range(n)))
-        ready.put(len(conns))
-        while not go.is_set():
-            await asyncio.sleep(0.1)
-        for c in conns:
-            if c.transport is not None:
-                c.transport.abort()
-
-    uvloop.run(run())
 
 
 def _usage() -> tuple[float, float]:
@@ -169,11 +147,11 @@ async def _probe(a: argparse.Namespace) -> None:
         base = await _window(hub, a.window, a, tools=False)
         ctx = mp.get_context("fork")
         ready, go = ctx.Queue(), ctx.Event()
-        child = ctx.Process(target=_clients, args=(hub.port, a.clients, ready, go))
+        child = ctx.Process(target=hold_clients, args=(hub.port, a.clients, False, ready, go))
         child.start()
         while ready.empty():
             await asyncio.sleep(0.05)
-        print(f"{ready.get()} connections open; settling {a.settle} s")
+        print(f"{a.clients} connections open in {ready.get():.1f} s; settling {a.settle} s")
         gc.collect()
         if a.gc_freeze:
             gc.freeze()

@@ -27,7 +27,11 @@ from typing import Any
 __all__ = ["main"]
 
 
-def _clients(port: int, n: int, shared: bool, ready: Any, go: Any) -> None:
+def hold_clients(port: int, n: int, shared: bool, ready: Any, go: Any) -> None:
+    """In a child process: open ``n`` lean clients ``/ws?user=u<i>`` to the hub on ``port``
+    (64 handshakes in flight; each subscribes ``bench`` too with ``shared``), put the seconds
+    it took on ``ready``, hold them until ``go`` is set, then abort them. Shared with
+    bench.keepalive_probe."""
     import uvloop
 
     from .lean import lean_connect
@@ -78,7 +82,7 @@ async def _probe(a: argparse.Namespace) -> None:
         cpu0 = time.process_time()
         if a.mode == "profile":
             prof.enable()
-        child = ctx.Process(target=_clients, args=(hub.port, a.clients, a.shared, ready, go))
+        child = ctx.Process(target=hold_clients, args=(hub.port, a.clients, a.shared, ready, go))
         child.start()
         while ready.empty():
             await asyncio.sleep(0.05)
