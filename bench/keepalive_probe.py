@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import cProfile
 import gc
-import multiprocessing as mp
 import os
 import pstats
 import resource
@@ -38,7 +37,7 @@ import subprocess
 import time
 from typing import Any
 
-from .scale_probe import hold_clients
+from .scale_probe import held_clients, probe_hub
 
 __all__ = ["main"]
 
@@ -132,52 +131,33 @@ def _micro(hub: Any, rounds: int) -> None:
 
 
 async def _probe(a: argparse.Namespace) -> None:
-    from hub.config import Config
-    from hub.server import Hub
-
-    from .procs import RedisServer
-
-    redis = RedisServer("/tmp/bench-keepalive-probe")
-    try:
-        hub = Hub(Config(port=0, redis_url=(redis.url,), log_level="warning",
-                         ping_interval=a.ping_interval,
-                         max_connections=max(100, 2 * a.clients)))
-        await hub.start()
+    async with probe_hub("/tmp/bench-keepalive-probe", ping_interval=a.ping_interval,
+                         max_connections=max(100, 2 * a.clients)) as hub:
         await asyncio.sleep(1.0)
         base = await _window(hub, a.window, a, tools=False)
-        ctx = mp.get_context("fork")
-        ready, go = ctx.Queue(), ctx.Event()
-        child = ctx.Process(target=hold_clients, args=(hub.port, a.clients, False, ready, go))
-        child.start()
-        while ready.empty():
-            await asyncio.sleep(0.05)
-        print(f"{a.clients} connections open in {ready.get():.1f} s; settling {a.settle} s")
-        gc.collect()
-        if a.gc_freeze:
-            gc.freeze()
-        await asyncio.sleep(a.settle)
-        w = await _window(hub, a.window, a, tools=True)
-        pings = w["pings"] or 1
-        user = (w["user"] - base["user"]) / pings * 1e6
-        sys_ = (w["sys"] - base["sys"]) / pings * 1e6
-        print(f"window {a.window} s: {w['pings']:.0f} pings ({w['pings'] / a.window:.0f}/s), "
-              f"{w['fast']:.0f} pongs on the fast path, {w['gc']:.0f} gc collections "
-              f"(before any client: {base['gc']:.0f})")
-        print(f"hub CPU per ping, background subtracted: {user + sys_:.2f} us "
-              f"(user {user:.2f}, system {sys_:.2f}); "
-              f"{(w['user'] + w['sys']) / a.window * 100:.2f} % of a core in all, "
-              f"{(base['user'] + base['sys']) / a.window * 100:.2f} % before any client")
-        visit = w["visit"] / pings * 1e6
-        print(f"of which the timer's visits (the ping frame written to each connection, the "
-              f"write system call included): {visit:.2f} us per ping; the rest, the pong "
-              f"(epoll, recv, parse, process_event): {user + sys_ - visit:.2f} us")
-        if a.micro:
-            _micro(hub, a.micro)
-        go.set()
-        child.join(30)
-        await hub.stop()
-    finally:
-        redis.close()
+        async with held_clients(hub.port, a.clients, False) as wall:
+            print(f"{a.clients} connections open in {wall:.1f} s; settling {a.settle} s")
+            gc.collect()
+            if a.gc_freeze:
+                gc.freeze()
+            await asyncio.sleep(a.settle)
+            w = await _window(hub, a.window, a, tools=True)
+            pings = w["pings"] or 1
+            user = (w["user"] - base["user"]) / pings * 1e6
+            sys_ = (w["sys"] - base["sys"]) / pings * 1e6
+            print(f"window {a.window} s: {w['pings']:.0f} pings ({w['pings'] / a.window:.0f}/s), "
+                  f"{w['fast']:.0f} pongs on the fast path, {w['gc']:.0f} gc collections "
+                  f"(before any client: {base['gc']:.0f})")
+            print(f"hub CPU per ping, background subtracted: {user + sys_:.2f} us "
+                  f"(user {user:.2f}, system {sys_:.2f}); "
+                  f"{(w['user'] + w['sys']) / a.window * 100:.2f} % of a core in all, "
+                  f"{(base['user'] + base['sys']) / a.window * 100:.2f} % before any client")
+            visit = w["visit"] / pings * 1e6
+            print(f"of which the timer's visits (the ping frame written to each connection, the "
+                  f"write system call included): {visit:.2f} us per ping; the rest, the pong "
+                  f"(epoll, recv, parse, process_event): {user + sys_ - visit:.2f} us")
+            if a.micro:
+                _micro(hub, a.micro)
 
 
 def main(argv: list[str] | None = None) -> int:

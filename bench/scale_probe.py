@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import gc
 import multiprocessing as mp
 import pstats
 import time
 import tracemalloc
+from collections.abc import AsyncIterator
 from typing import Any
 
 __all__ = ["main"]
@@ -60,21 +62,50 @@ def hold_clients(port: int, n: int, shared: bool, ready: Any, go: Any) -> None:
     uvloop.run(run())
 
 
-async def _probe(a: argparse.Namespace) -> None:
+@contextlib.asynccontextmanager
+async def probe_hub(workdir: str, **options: Any) -> AsyncIterator[Any]:
+    """A :class:`hub.server.Hub` in this process on a free port, with a private redis-server
+    under ``workdir``; ``options`` are more :class:`hub.config.Config` fields. Stopped, and
+    the redis-server with it, on leaving. Shared with bench.keepalive_probe."""
     from hub.config import Config
     from hub.server import Hub
 
     from .procs import RedisServer
 
-    redis = RedisServer("/tmp/bench-scale-probe")
+    redis = RedisServer(workdir)
     try:
-        hub = Hub(Config(port=0, redis_url=(redis.url,), log_level="warning",
-                         max_connections=max(100, 2 * a.clients)))
+        hub = Hub(Config(port=0, redis_url=(redis.url,), log_level="warning", **options))
         await hub.start()
+        try:
+            yield hub
+        finally:
+            await hub.stop()
+    finally:
+        redis.close()
+
+
+@contextlib.asynccontextmanager
+async def held_clients(port: int, n: int, shared: bool) -> AsyncIterator[float]:
+    """:func:`hold_clients` in a forked child: entered once all ``n`` are open (the value is
+    the seconds that took), released (the child aborts them and exits) on leaving."""
+    ctx = mp.get_context("fork")
+    ready, go = ctx.Queue(), ctx.Event()
+    child = ctx.Process(target=hold_clients, args=(port, n, shared, ready, go))
+    child.start()
+    try:
+        while ready.empty():
+            await asyncio.sleep(0.05)
+        yield ready.get()
+    finally:
+        go.set()
+        child.join(30)
+
+
+async def _probe(a: argparse.Namespace) -> None:
+    async with probe_hub("/tmp/bench-scale-probe",
+                         max_connections=max(100, 2 * a.clients)) as hub:
         await asyncio.sleep(0.5)
         gc.collect()
-        ctx = mp.get_context("fork")
-        ready, go = ctx.Queue(), ctx.Event()
         prof = cProfile.Profile()
         if a.mode == "memory":
             tracemalloc.start(a.frames)
@@ -82,35 +113,28 @@ async def _probe(a: argparse.Namespace) -> None:
         cpu0 = time.process_time()
         if a.mode == "profile":
             prof.enable()
-        child = ctx.Process(target=hold_clients, args=(hub.port, a.clients, a.shared, ready, go))
-        child.start()
-        while ready.empty():
-            await asyncio.sleep(0.05)
-        if a.mode == "profile":
-            prof.disable()
-        cpu = time.process_time() - cpu0
-        wall = ready.get()
-        print(f"{a.clients} connections in {wall:.2f} s ({a.clients / wall:.0f}/s); hub CPU "
-              f"{cpu / a.clients * 1e6:.0f} us per handshake"
-              + (" (profiled)" if a.mode == "profile" else ""))
-        if a.mode == "memory":
-            await asyncio.sleep(2)
-            gc.collect()
-            after = tracemalloc.take_snapshot()
-            total = sum(st.size_diff for st in after.compare_to(before, "filename"))
-            print(f"Python heap per connection: {total / a.clients:.0f} B")
-            for st in after.compare_to(before, "traceback" if a.frames > 1 else "lineno")[:a.top]:
-                where = " <- ".join(f"{f.filename.rsplit('site-packages/', 1)[-1]}:{f.lineno}"
-                                    for f in st.traceback)
-                print(f"{st.size_diff / a.clients:7.0f} B {st.count_diff / a.clients:5.2f} "
-                      f"objects per connection  {where}")
-        else:
-            pstats.Stats(prof).sort_stats(a.sort).print_stats(a.top)
-        go.set()
-        child.join(30)
-        await hub.stop()
-    finally:
-        redis.close()
+        async with held_clients(hub.port, a.clients, a.shared) as wall:
+            if a.mode == "profile":
+                prof.disable()
+            cpu = time.process_time() - cpu0
+            print(f"{a.clients} connections in {wall:.2f} s ({a.clients / wall:.0f}/s); hub "
+                  f"CPU {cpu / a.clients * 1e6:.0f} us per handshake"
+                  + (" (profiled)" if a.mode == "profile" else ""))
+            if a.mode == "memory":
+                await asyncio.sleep(2)
+                gc.collect()
+                after = tracemalloc.take_snapshot()
+                total = sum(st.size_diff for st in after.compare_to(before, "filename"))
+                print(f"Python heap per connection: {total / a.clients:.0f} B")
+                key = "traceback" if a.frames > 1 else "lineno"
+                for st in after.compare_to(before, key)[:a.top]:
+                    where = " <- ".join(
+                        f"{f.filename.rsplit('site-packages/', 1)[-1]}:{f.lineno}"
+                        for f in st.traceback)
+                    print(f"{st.size_diff / a.clients:7.0f} B {st.count_diff / a.clients:5.2f} "
+                          f"objects per connection  {where}")
+            else:
+                pstats.Stats(prof).sort_stats(a.sort).print_stats(a.top)
 
 
 def main(argv: list[str] | None = None) -> int:
